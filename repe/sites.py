@@ -19,6 +19,7 @@ reachable by a module hook. This file is the only place where these conventions 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -113,18 +114,21 @@ class Site:
         return self.kind in ("resid_pre", "resid_post")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_name(name: str) -> Site:
+    """The string part of :func:`parse_site`, memoised (steering parses every site on every toggle)."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        raise SiteError(
+            f"unknown site {name!r}; valid forms are "
+            + ", ".join(f"'blocks.{{L}}.{s}'" for s in _SUFFIX.values())
+        )
+    return Site(int(m.group(1)), _KIND_OF_SUFFIX[m.group(2)])
+
+
 def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
     """Parse ``blocks.{L}.hook_resid_post`` (and the other canonical forms) into a Site."""
-    if isinstance(name, Site):
-        site = name
-    else:
-        m = _NAME_RE.match(str(name))
-        if m is None:
-            raise SiteError(
-                f"unknown site {name!r}; valid forms are "
-                + ", ".join(f"'blocks.{{L}}.{s}'" for s in _SUFFIX.values())
-            )
-        site = Site(int(m.group(1)), _KIND_OF_SUFFIX[m.group(2)])
+    site = name if isinstance(name, Site) else _parse_name(str(name))
     if n_layers is not None and not 0 <= site.layer < n_layers:
         raise SiteError(
             f"site {site.name!r} is out of range: the model has {n_layers} blocks (layers 0..{n_layers - 1})"

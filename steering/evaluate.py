@@ -22,7 +22,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -270,8 +270,12 @@ def ab_eval_specs(
     batch_size: int = 16,
     seed: int = 0,
     test_frac: float = 0.2,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[ABResult]:
     """:func:`ab_eval` for several settings at once (``None`` = unsteered), one result per spec.
+
+    ``progress(done, total)`` is called after each (batch, spec) pass, e.g. to drive a progress bar
+    (a UI can also stop the run by raising from it).
 
     Prompts are left-padded, batched by length, and run with explicit ``position_ids`` and
     ``attention_mask``. Specs that leave the prompt unsteered share one pass over the prompts (KV cache)
@@ -298,7 +302,9 @@ def ab_eval_specs(
     dev = lm.device
     from transformers import DynamicCache
 
-    for ab in _ab_batches(lm, items, batch_size):
+    ab_batches = _ab_batches(lm, items, batch_size)
+    total, done = len(ab_batches) * len(specs), 0
+    for ab in ab_batches:
         b = ab.batch
         ids, mask, pos = (t.to(dev) for t in (b.input_ids, b.attention_mask, b.position_ids))
         rows = torch.tensor(ab.rows)
@@ -331,6 +337,9 @@ def ab_eval_specs(
                             input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1
                         ).logits[:, -1]
                 probs[k, rows] = _letter_probs(logits, want).double().cpu()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     fp = items_fingerprint(items)
     groups: dict[str, list[int]] = {}
     for i, (match, _other) in enumerate(pairs):

@@ -83,11 +83,10 @@ class SteeringSpec:
 
 def scale_factor(direction: Direction, site: str, scale: str) -> float:
     """Multiplier that turns a coefficient in ``scale`` units into a length along the unit direction."""
-    v = direction[site].float()
     if scale == "unit":
         return 1.0
     if scale == "raw":
-        return float(v.norm())
+        return float(direction[site].float().norm())
     key = {"relative": "resid_norm", "mean_diff": "mean_diff_norm"}.get(scale)
     if key is None:
         raise ValueError(f"scale must be one of {SCALES}; got {scale!r}")
@@ -164,6 +163,55 @@ def _execution_key(site: Site) -> tuple[int, int]:
     return execution_key(site)
 
 
+def _site_tensors(
+    lm: LoadedModel, spec: SteeringSpec, sites: list[str], op: Operator
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """Per-site steering vector (``c * scale * u``), unit direction and clamp value, on the model's
+    device. The maths runs once on the stacked vectors (a handful of tensor ops, not a handful per
+    site): switching steering on costs well under a millisecond even with every layer steered."""
+    dev, dtype = lm.device, lm.dtype
+    deltas: dict[str, torch.Tensor] = {}
+    units: dict[str, torch.Tensor] = {}
+    clamps: dict[str, float] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in sites:
+        groups.setdefault(tuple(spec.direction[name].shape), []).append(name)
+    for names in groups.values():
+        vs = torch.stack([spec.direction[n] for n in names]).float()
+        flat = vs.flatten(1)
+        if not bool(torch.isfinite(flat).all()):
+            bad = [n for n, row in zip(names, flat, strict=True) if not torch.isfinite(row).all()]
+            raise ValueError(f"direction {spec.direction.name!r} has NaN/inf at {bad[0]}")
+        norms = flat.norm(dim=1)
+        norm_list = norms.tolist()
+        if op.name not in ("add", "add_norm_preserving"):
+            for n, norm in zip(names, norm_list, strict=True):
+                if norm == 0.0:
+                    raise ValueError(f"direction {spec.direction.name!r} is zero at {n}")
+        # a unit vector is used as it is, so a patched site equals orig + c*v bit for bit
+        is_unit = ((norms - 1.0).abs() < 1e-6).view(-1, *([1] * (vs.dim() - 1)))
+        us = torch.where(is_unit, vs, vs / norms.clamp(min=1e-12).view(-1, *([1] * (vs.dim() - 1))))
+        lengths = []
+        for n, norm in zip(names, norm_list, strict=True):
+            c = spec.coeff_at(n)
+            if c == 0.0:
+                lengths.append(0.0)
+            elif spec.scale == "raw":
+                lengths.append(c * norm)
+            else:
+                lengths.append(c * scale_factor(spec.direction, n, spec.scale))
+        lens = torch.tensor(lengths, dtype=us.dtype).view(-1, *([1] * (vs.dim() - 1)))
+        for n, d, u, length in zip(
+            names,
+            (us * lens).to(dev, dtype).unbind(0),
+            us.to(dev, dtype).unbind(0),
+            lengths,
+            strict=True,
+        ):
+            deltas[n], units[n], clamps[n] = d, u, length
+    return deltas, units, clamps
+
+
 def resolve(lm: LoadedModel, spec: SteeringSpec) -> ResolvedSteering:
     """Check the spec against the model and build the per-site tensors on the model's device."""
     spec.direction.check_compatible(lm)
@@ -173,25 +221,11 @@ def resolve(lm: LoadedModel, spec: SteeringSpec) -> ResolvedSteering:
     sites = spec.site_list()
     if not sites:
         raise ValueError("no sites to steer")
-    dev, dtype = lm.device, lm.dtype
-    deltas, units, clamps = {}, {}, {}
     for name in sites:
         site = parse_site(name, lm.n_layers)
         if not site.is_residual and site.kind != "attn_out" and site.kind != "mlp_out":
             raise ValueError(f"cannot steer {name}: steer residual, attn_out or mlp_out sites")
-        v = spec.direction[name].float()
-        if not torch.isfinite(v).all():
-            raise ValueError(f"direction {spec.direction.name!r} has NaN/inf at {name}")
-        norm = float(v.norm())
-        if norm == 0.0 and op.name not in ("add", "add_norm_preserving"):
-            raise ValueError(f"direction {spec.direction.name!r} is zero at {name}")
-        # a unit vector is used as it is, so a patched site equals orig + c*v bit for bit
-        u = v if abs(norm - 1.0) < 1e-6 else v / max(norm, 1e-12)
-        c = spec.coeff_at(name)
-        length = c * scale_factor(spec.direction, name, spec.scale) if c != 0.0 else 0.0
-        deltas[name] = (u * length).to(dev, dtype)
-        units[name] = u.to(dev, dtype)
-        clamps[name] = length
+    deltas, units, clamps = _site_tensors(lm, spec, sites, op)
     positions: str
     token_indices: list[int] = []
     if isinstance(spec.positions, str):
@@ -220,7 +254,7 @@ def resolve(lm: LoadedModel, spec: SteeringSpec) -> ResolvedSteering:
         cv = spec.condition.direction[c_site.name].float()
         cond = ResolvedCondition(
             c_site,
-            (cv / cv.norm().clamp(min=1e-12)).to(dev),
+            (cv / cv.norm().clamp(min=1e-12)).to(lm.device),
             spec.condition.threshold,
             spec.condition.above,
         )

@@ -14,7 +14,7 @@ the table in ``metrics["sweep"]``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -183,6 +183,7 @@ def coeff_layer_sweep(
     batch_size: int = 16,
     seed: int = 0,
     kl_texts: Sequence[str] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> SweepReport:
     """Sweep coefficients x layers: A/B effect on held-out items against KL / perplexity on neutral text.
 
@@ -202,6 +203,8 @@ def coeff_layer_sweep(
             cheaper: the question runs once for every setting, but on small models such as the
             embedded SmolLM2-135M it barely moves the answers). Neutral text is steered at every token.
         kl_texts: neutral texts for the cost (default: ``repe.datasets.load_neutral()``).
+        progress: called as ``progress(fraction_done, what)`` while it runs (a UI's progress bar;
+            raising from it stops the sweep).
     """
     if not layers:
         raise ValueError("layers is empty: pass at least one block index")
@@ -245,6 +248,11 @@ def coeff_layer_sweep(
     settings = [
         (layer, c) for layer in layer_list for c in coeff_list if c != 0.0 or not exact_zero
     ]
+
+    def report(fraction: float, what: str) -> None:
+        if progress is not None:
+            progress(fraction, what)
+
     results = ab_eval_specs(
         lm,
         behaviour,
@@ -252,12 +260,14 @@ def coeff_layer_sweep(
         n_items=n_items,
         batch_size=batch_size,
         seed=seed,
+        progress=lambda done, total: report(0.7 * done / total, "A/B answers"),
     )
     base = results[0]
     costs = NeutralCosts(lm, kl_texts, batch_size)
     base_ppl = costs.perplexity(None)
     measured = {}
-    for (layer, c), res in zip(settings, results[1:], strict=True):
+    for i, ((layer, c), res) in enumerate(zip(settings, results[1:], strict=True)):
+        report(0.7 + 0.3 * i / max(len(settings), 1), "KL and perplexity on neutral text")
         kl, ppl = costs.measure(spec(layer, c))
         measured[(layer, c)] = (res.score, res.balanced_score, kl, ppl, res.letter_mass)
     rows = []
@@ -270,6 +280,7 @@ def coeff_layer_sweep(
             rows.append(
                 SweepRow(layer, sites[layer], c, score, score - zero[0], bal, kl, ppl, mass)
             )
+    report(1.0, "done")
     return SweepReport(
         behaviour=behaviour if isinstance(behaviour, str) else None,
         rows=rows,

@@ -381,7 +381,7 @@ def test_recommend_takes_the_largest_shift_within_the_budget():
     assert recommend(rows, kl_budget=0.01) is None
 
 
-def test_sweep_recommendation_respects_the_kl_budget(tiny_lm, items, tmp_path):
+def test_sweep_recommendation_respects_the_kl_budget(tiny_lm, items):
     d = rand_direction(tiny_lm, sites=("blocks.1.hook_resid_post", SITE))
     coeffs = [-1.0, 0.5, 1.0, 2.0]
     loose = coeff_layer_sweep(
@@ -399,20 +399,20 @@ def test_sweep_recommendation_respects_the_kl_budget(tiny_lm, items, tmp_path):
         (r for r in loose.rows if r.coeff > 0 and r.shift > 0), key=lambda r: r.shift, default=None
     )
     assert loose.recommended == best
-    if best is not None:
-        # a budget just under the best row's KL must pick something cheaper (or nothing)
-        tight = coeff_layer_sweep(
-            tiny_lm,
-            items,
-            [1, 2],
-            coeffs,
-            kl_budget=best.kl * 0.999,
-            direction=d,
-            kl_texts=TEXTS,
-            n_items=8,
-        )
-        assert tight.recommended != best
-        assert tight.recommended is None or tight.recommended.kl <= tight.kl_budget
+    assert best is not None  # the seeded random model has one
+    # a budget just under the best row's KL must pick something cheaper (or nothing)
+    tight = coeff_layer_sweep(
+        tiny_lm,
+        items,
+        [1, 2],
+        coeffs,
+        kl_budget=best.kl * 0.999,
+        direction=d,
+        kl_texts=TEXTS,
+        n_items=8,
+    )
+    assert tight.recommended != best
+    assert tight.recommended is None or tight.recommended.kl <= tight.kl_budget
     none = coeff_layer_sweep(
         tiny_lm, items, [1], [0.5], kl_budget=0.0, direction=d, kl_texts=TEXTS, n_items=8
     )
@@ -462,3 +462,41 @@ def test_sweep_refuses_bad_arguments(tiny_lm, items):
         coeff_layer_sweep(tiny_lm, items, [2], [0.1], direction=d, scale="big")
     with pytest.raises(ValueError, match=r"layers must be block indices in \[0, 3\]"):
         coeff_layer_sweep(tiny_lm, items, [9], [0.1], direction=d)
+
+
+def test_sweep_reports_progress_and_stops_when_the_callback_raises(tiny_lm, items):
+    d = rand_direction(tiny_lm, sites=("blocks.1.hook_resid_post", SITE))
+    seen: list[tuple[float, str]] = []
+    report = coeff_layer_sweep(
+        tiny_lm,
+        items,
+        [1, 2],
+        [0.5, 1.0],
+        direction=d,
+        kl_texts=TEXTS,
+        n_items=8,
+        batch_size=4,
+        progress=lambda f, what: seen.append((f, what)),
+    )
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] > 0
+    assert {"A/B answers", "KL and perplexity on neutral text"} <= {w for _, w in seen}
+    # 2 batches x 5 specs (base + 2 layers x 2 coeffs) A/B passes, then 4 cost measurements, then done
+    assert len(seen) == 2 * 5 + 4 + 1
+    assert len(report.rows) == 2 * 3
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(f: float, what: str) -> None:
+        if len(seen) >= 3:
+            raise Stop
+        seen.append((f, what))
+
+    seen.clear()
+    with pytest.raises(Stop):
+        coeff_layer_sweep(
+            tiny_lm, items, [1], [0.5], direction=d, kl_texts=TEXTS, n_items=8,
+            progress=stop_after_three,
+        )  # fmt: skip
+    assert len(seen) == 3
