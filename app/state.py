@@ -15,6 +15,7 @@ from probes.sweep import SweepResult
 from repe.activations import ActivationSet
 from repe.datasets import ContrastDataset
 from repe.directions import Direction
+from steering.sweep import SweepReport
 
 STATE_KEY = "repe_app"
 
@@ -42,11 +43,15 @@ class AppState:
     acts_pos: ActivationSet | None = None
     acts_neg: ActivationSet | None = None
     directions: dict[str, Direction] = field(default_factory=dict)  # uploaded artifacts
+    upload_key: tuple[str, ...] = ()  # the uploaded files `directions` was last loaded from
     steer: SteerSettings = field(default_factory=SteerSettings)
     spec: Any = None  # the last steering.SteeringSpec built on the Steer page
     baseline: dict[tuple[str, int], str] = field(default_factory=dict)  # (prompt, tokens) -> text
     steered_text: str = ""
     steered_key: tuple[Any, ...] = ()  # the setting steered_text was generated with
+    coeff_sweep: SweepReport | None = None  # the Steer page's last coefficient sweep
+    # the last sweep's directions, built once per sweep: (the SweepResult they came from, by name)
+    sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
 
 
 def get_state() -> AppState:

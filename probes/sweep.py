@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -367,6 +367,7 @@ def sweep(
     dataset_fingerprint: str | None = None,
     params: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    on_site: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
     """Fit every reader at every site on the training pairs and score it on the held-out pairs.
 
@@ -381,6 +382,8 @@ def sweep(
         dataset_fingerprint: recorded in the directions (default: a hash of both sets' fingerprints).
         params: extra provenance recorded in the result and its directions.
         progress: show a progress bar over sites (default: off).
+        on_site: called as ``on_site(sites_done, n_sites)`` after each site (a UI's progress bar;
+            raising from it stops the sweep).
     """
     if pos.sites != neg.sites:
         raise ValueError(f"pos and neg must hold the same sites; got {pos.sites} and {neg.sites}")
@@ -426,7 +429,9 @@ def sweep(
     shapes: dict[str, tuple[int, ...]] = {}
     # small problems: one thread is faster here, and immune to oversubscribed cores
     with threadpool_limits(limits=1):
-        for site in tqdm(site_list, desc="sweep", unit="site", disable=not progress):
+        for i_site, site in enumerate(
+            tqdm(site_list, desc="sweep", unit="site", disable=not progress), 1
+        ):
             raw_p, raw_n = pos[site], neg[site]
             shapes[site] = tuple(raw_p.shape[1:])
             P = raw_p.detach().to("cpu", torch.float64).flatten(1)
@@ -459,6 +464,8 @@ def sweep(
                         n_test=len(te_list),
                     )
                 )
+            if on_site is not None:
+                on_site(i_site, len(site_list))
     scores = [
         s for name in prototypes for site in site_list for s in by_site[site] if s.reader == name
     ]

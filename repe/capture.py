@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +117,7 @@ def capture(
     progress: bool | None = None,
     store_dtype: torch.dtype = torch.float32,
     max_length: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> ActivationSet:
     """Capture activations of ``sites`` for texts or chat conversations.
 
@@ -132,6 +134,8 @@ def capture(
         shard_size: examples per shard when streaming.
         padding_side: results do not depend on it; it is exposed so tests can prove that.
         progress: show a progress bar (default: when there is more than one batch).
+        on_batch: called as ``on_batch(examples_done, total)`` after each batch (a UI's progress
+            bar; raising from it stops the capture, and nothing is returned).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -160,11 +164,15 @@ def capture(
     show = progress if progress is not None else n_batches > 1
     pad_id = lm.tokenizer.pad_token_id
     side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
+    done = 0
     with tqdm(total=len(encoded), disable=not show, desc="capture", unit="ex") as bar:
         for _start, batch in batches(encoded, batch_size, pad_id, side):
             collector.set_batch(batch, policy)
             be.run(lm, batch, site_list, collector.sink)
             bar.update(len(batch.lengths))
+            done += len(batch.lengths)
+            if on_batch is not None:
+                on_batch(done, len(encoded))
             if collector.n_buffered >= shard_size:
                 shard = collector.flush()
                 if writer is not None:

@@ -213,6 +213,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def app_command(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run`` command line that serves the workbench app (``app/main.py``)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"the app is not here ({script}): it ships with the repository checkout, not the wheel; "
+            "clone the repository and run ./dev app"
+        )
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script)]
+    cmd += [f"--server.port={args.port}", f"--server.address={args.address}"]
+    cmd += ["--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+    if args.headless:
+        cmd.append("--server.headless=true")
+    return cmd
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Replace this process by the Streamlit server (so stopping it stops the server)."""
+    import os
+
+    cmd = app_command(args)
+    print(
+        f"serving the workbench on http://{args.address}:{args.port} (Ctrl-C stops it)", flush=True
+    )
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="repe", description="representation-engineering workbench")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -221,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=256, help="number of contrast pairs to use")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("app", help="serve the Streamlit workbench on the embedded model")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="localhost", help="interface to listen on")
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.set_defaults(func=cmd_app)
     p = sub.add_parser("info", help="print the model identity and its site names")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)

@@ -4,7 +4,7 @@ token by token, and baseline vs steered side by side."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ def generate_stream(
     config: GenerationConfig | None = None,
     *,
     chat: bool = True,
-) -> Iterator[Step]:
+) -> Generator[Step, None, None]:
     """Yield one :class:`Step` per new token (all prompts in one left-padded batch, KV cache on)."""
     cfg = config or GenerationConfig()
     inputs = as_chats(prompts, chat)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -140,11 +139,8 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
         "both answers side by side"
     )
     assert isinstance(st1.spec, SteeringSpec) and st1.spec.coeff == 0.5
-    if importlib.util.find_spec("steering.evaluate") is None:
-        return  # the A/B and KL panel is optional
-    sliders = {s.label: s for s in at.slider}
-    sliders["A/B items"].set_value(4)
-    sliders["Neutral texts for the KL"].set_value(2)
+    at.slider(key="eval_items").set_value(4)
+    at.slider(key="eval_texts").set_value(2)
     next(b for b in at.button if b.label == "Measure").click().run()
     no_errors(at)
     metrics = {m.label: m.value for m in at.metric}
@@ -155,6 +151,48 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
     }
     assert float(metrics["KL from base (nats/token)"]) > 0
     assert at.session_state[STATE_KEY].steered_text == st1.steered_text, "no regeneration"
+
+
+@pytest.mark.integration
+def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
+    swept: AppState,
+) -> None:
+    state = fresh(swept)
+    state.steer = SteerSettings(coeff=0.0, max_new_tokens=4)
+    at = page("steer", state).run()
+    no_errors(at)
+    assert not at.get("plotly_chart"), "no sweep curve before a sweep"
+    at.text_input(key="sweep_coeffs").set_value("-0.5, 0.5, 1.0")
+    at.slider(key="sweep_items").set_value(4)
+    at.slider(key="sweep_texts").set_value(2)
+    at.number_input[-1].set_value(10.0)  # KL budget: generous, so the best positive row is chosen
+    next(b for b in at.button if b.label == "Run coefficient sweep").click().run()
+    no_errors(at)
+    report = at.session_state[STATE_KEY].coeff_sweep
+    assert report is not None and report.coeffs == [-0.5, 0.0, 0.5, 1.0]
+    assert report.layers == at.session_state[STATE_KEY].steer.layers
+    assert len(at.get("plotly_chart")) == 1, "the sweep curve"
+    rec = report.recommended
+    if rec is None:  # the library found no positive shift: the page must say so
+        assert not any(r.coeff > 0 and r.shift > 0 for r in report.rows)
+        assert any("No setting moved" in i.value for i in at.info)
+        return
+    assert any(f"coefficient {rec.coeff:g}" in s.value for s in at.success)
+    next(b for b in at.button if b.label == "Use the recommended setting").click().run()
+    no_errors(at)
+    coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
+    assert coeff.value == rec.coeff
+    assert at.session_state[STATE_KEY].spec.coeff == rec.coeff
+
+
+def test_steer_page_bad_coefficients_are_a_message() -> None:
+    from app.views.steer import parse_coeffs
+
+    assert parse_coeffs("0.5, -0.5 0.25") == [-0.5, 0.25, 0.5]
+    with pytest.raises(ValueError, match="numbers separated by commas"):
+        parse_coeffs("0.5, lots")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_coeffs(" , ")
 
 
 @pytest.mark.integration

@@ -1,4 +1,7 @@
-"""End to end: the real Streamlit server in headless Chromium runs a sweep and a steered generation.
+"""End to end: the real Streamlit server in headless Chromium runs a sweep and a steered generation,
+cancels a long sweep, and serves two browser sessions steering differently at the same time.
+
+The server is started with the README's main command (``./dev app``, i.e. ``python -m repe app``).
 
 Needs ``chromium`` (Debian package, ``/usr/bin/chromium``) and ``playwright`` (Python client only; the
 system browser is used, ``playwright install`` is never needed). Screenshots go to ``test-artifacts/``.
@@ -7,7 +10,6 @@ system browser is used, ``playwright install`` is never needed). Screenshots go 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,14 @@ from pathlib import Path
 import playwright.sync_api as sync_api
 import pytest
 import streamlit as _streamlit  # noqa: F401 - the server below runs it
+import torch
+
+from repe.directions import Direction
+from repe.models import LoadedModel
+from repe.sites import resid_post_sites
+from steering import SteeringSpec
+from steering.calibrate import residual_norms
+from steering.generate import GenerationConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("REPE_CHROMIUM", "/usr/bin/chromium")
@@ -44,24 +54,15 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """``streamlit run app/main.py`` on 127.0.0.1 (stopped by its own process id afterwards)."""
-    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    flags = ["--port", str(port), "--address", "127.0.0.1", "--headless"]
+    if Path(sys.prefix).resolve() == (ROOT / ".venv").resolve():
+        cmd = [str(ROOT / "dev"), "app", *flags]  # the README's command, exactly
+    else:  # another environment (e.g. a conda one): the same entry point without ./dev's set-up
+        cmd = [sys.executable, "-m", "repe", "app", *flags]
     proc = subprocess.Popen(
-        [
-            streamlit,
-            "run",
-            str(ROOT / "app" / "main.py"),
-            "--server.headless=true",
-            "--server.address=127.0.0.1",
-            f"--server.port={port}",
-            "--browser.gatherUsageStats=false",
-            "--server.fileWatcherType=none",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -106,6 +107,11 @@ def test_sweep_then_steer_in_a_browser(server: str) -> None:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(server)  # the default page: Model & data
+            page.get_by_text("Model & data").first.wait_for(timeout=120_000)
+            wait_idle(page)
+            assert page.locator("[data-testid='stException']").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "e2e_model.png"), full_page=True)
             page.goto(f"{server}/read")
             page.get_by_text("Run sweep").wait_for(timeout=120_000)
             wait_idle(page)
@@ -129,5 +135,142 @@ def test_sweep_then_steer_in_a_browser(server: str) -> None:
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("[data-testid='stAlertContentError']").count() == 0
             page.screenshot(path=str(ARTIFACTS / "e2e_steer.png"), full_page=True)
+
+            page.get_by_role("link", name="Export").click()  # exports the setting just steered
+            page.get_by_text("llama-cli", exact=False).first.wait_for(timeout=60_000)
+            wait_idle(page)
+            assert page.locator("[data-testid='stDownloadButton']").count() == 4
+            assert page.locator("[data-testid='stException']").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "e2e_export.png"), full_page=True)
         finally:
             browser.close()
+
+
+def launch(pw: object) -> object:
+    return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # type: ignore[attr-defined]
+
+
+def test_a_long_sweep_can_be_cancelled(server: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})  # type: ignore[attr-defined]
+            page.goto(f"{server}/read")
+            page.get_by_text("Run sweep").wait_for(timeout=120_000)
+            wait_idle(page)
+            slider = page.get_by_role("slider", name="Max pairs (for speed)").first
+            slider.focus()
+            slider.press("End")  # 400 pairs x 2 sides x 30 layers: minutes of work
+            wait_idle(page)
+            page.get_by_role("button", name="Run sweep").click()
+            cancel = page.get_by_role("button", name="Cancel sweep")
+            cancel.wait_for(timeout=60_000)
+            page.get_by_text("Capturing the positive side", exact=False).first.wait_for(
+                timeout=60_000
+            )
+            t0 = time.monotonic()
+            cancel.click()
+            page.get_by_text("Cancelled the sweep", exact=False).wait_for(timeout=60_000)
+            wait_idle(page, 60_000)
+            stopped_in = time.monotonic() - t0
+            page.screenshot(path=str(ARTIFACTS / "e2e_cancel.png"), full_page=True)
+            assert page.get_by_text("Run a sweep to see the scores by layer").count() == 1
+            assert page.get_by_text("best ", exact=False).count() == 0, "no result was stored"
+            assert page.locator("[data-testid='stException']").count() == 0
+            assert stopped_in < 30, f"the sweep took {stopped_in:.0f}s to stop"
+        finally:
+            browser.close()  # type: ignore[attr-defined]
+
+
+# ---- two browser sessions steering differently at the same time ---------------------------------
+LAYER = 12
+SITE = f"blocks.{LAYER}.hook_resid_post"
+# the Steer page's defaults: this prompt, coefficient 0.25 (relative), 32 new tokens
+PROMPT, COEFF, TOKENS = "Tell me about your weekend.", 0.25, 32
+
+
+def only_words(text: str) -> str:
+    """Letters and digits only: what survives markdown rendering unchanged."""
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+@pytest.fixture(scope="module")
+def two_directions(embedded_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two artifacts (a random unit direction and its negation at block 12) and, for each, the
+    answer the library gives alone with the app's default setting (the reference)."""
+    lm = embedded_lm
+    folder = tmp_path_factory.mktemp("directions")
+    v = torch.nn.functional.normalize(
+        torch.randn(lm.identity.d_model, generator=torch.Generator().manual_seed(3)), dim=0
+    )
+    norms = residual_norms(lm, resid_post_sites(range(lm.n_layers)))  # as the app measures them
+    out = {}
+    for name, vec in (("plus", v), ("minus", -v)):
+        d = Direction({SITE: vec}, lm.identity, name=name)
+        d.save(folder / name)
+        loaded = Direction.load(folder / name, lm)
+        spec = SteeringSpec(_with_norm(loaded, norms), coeff=COEFF)
+        text = generate(lm, [PROMPT], spec, GenerationConfig(max_new_tokens=TOKENS))[0]
+        out[name] = (folder / f"{name}.safetensors", folder / f"{name}.json", text)
+    out["baseline"] = generate(lm, [PROMPT], None, GenerationConfig(max_new_tokens=TOKENS))[0]
+    return out
+
+
+def _with_norm(d: Direction, norms: dict[str, float]) -> Direction:
+    from dataclasses import replace
+
+    return replace(d, stats={SITE: {**d.stats.get(SITE, {}), "resid_norm": norms[SITE]}})
+
+
+def test_two_sessions_steering_at_once_do_not_leak(server: str, two_directions: dict) -> None:
+    refs = {k: two_directions[k][2] for k in ("plus", "minus")}
+    base = two_directions["baseline"]
+    assert len({only_words(refs["plus"]), only_words(refs["minus"]), only_words(base)}) == 3, (
+        "precondition: the two settings and the baseline give three different answers"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            pages = {}
+            for name in ("plus", "minus"):
+                ctx = browser.new_context(viewport={"width": 1400, "height": 1400})  # type: ignore[attr-defined]
+                page = ctx.new_page()
+                page.goto(f"{server}/steer")
+                page.get_by_text("upload a direction artifact", exact=False).wait_for(
+                    timeout=120_000
+                )
+                wait_idle(page)
+                pages[name] = page
+            # the second upload goes in while the first session is still generating (baseline, then
+            # steered, 32 tokens each): the two script runs overlap on the server
+            status = "[data-testid='stStatusWidget']"
+            first, second = pages["plus"], pages["minus"]
+            for name, page in pages.items():
+                st_file, js_file, _ = two_directions[name]
+                page.locator("input[type='file']").first.set_input_files(
+                    [str(st_file), str(js_file)]
+                )
+                page.locator(status).wait_for(timeout=30_000)
+            overlapped = first.locator(status).count() > 0 and second.locator(status).count() > 0
+            for page in pages.values():
+                page.wait_for_function(
+                    "() => (document.querySelector('.st-key-steered_answer')?.innerText || '')"
+                    ".trim().length > 0",
+                    timeout=240_000,
+                )
+                wait_idle(page)
+            for name, page in pages.items():
+                page.screenshot(path=str(ARTIFACTS / f"e2e_session_{name}.png"), full_page=True)
+                assert page.locator("[data-testid='stException']").count() == 0
+                assert page.locator("[data-testid='stAlertContentError']").count() == 0
+                steered = page.locator(".st-key-steered_answer").inner_text()
+                baseline = page.locator(".st-key-baseline_answer").inner_text()
+                assert only_words(baseline) == only_words(base), f"{name}: baseline changed"
+                assert only_words(steered) == only_words(refs[name]), (
+                    f"session {name!r} shows {steered!r}; alone the library gives {refs[name]!r}"
+                )
+            assert overlapped, "the second session started after the first had finished"
+        finally:
+            browser.close()  # type: ignore[attr-defined]

@@ -157,6 +157,20 @@ def test_no_hooks_left_after_capture(tiny_lm):
     assert no_hooks(tiny_lm.model)
 
 
+def test_on_batch_reports_progress_and_raising_stops_cleanly(tiny_lm):
+    seen: list[tuple[int, int]] = []
+    capture(tiny_lm, TEXTS, SITES, batch_size=2, on_batch=lambda d, n: seen.append((d, n)))
+    n = len(TEXTS)
+    assert seen == [(min(i + 2, n), n) for i in range(0, n, 2)]
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # what a UI's cancel looks like from inside the loop
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(tiny_lm, TEXTS, SITES, batch_size=2, on_batch=stop)
+    assert no_hooks(tiny_lm.model)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [

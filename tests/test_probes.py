@@ -310,6 +310,22 @@ def test_sweep_is_deterministic(tiny_lm, toy_dataset, toy_sweep):
     assert again.rows() == toy_sweep.rows()
 
 
+def test_sweep_on_site_reports_each_site_and_can_stop_it(tiny_lm, toy_dataset):
+    tr, te = split_indices(toy_dataset, 0.7, seed=0)
+    sites = [f"blocks.{i}.hook_resid_post" for i in range(tiny_lm.n_layers)]
+    pos = capture(tiny_lm, toy_dataset.positives(), sites, progress=False)
+    neg = capture(tiny_lm, toy_dataset.negatives(), sites, progress=False)
+    seen: list[tuple[int, int]] = []
+    sweep(pos, neg, tr, te, ["mean_diff"], n_boot=0, on_site=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, len(sites)) for i in range(1, len(sites) + 1)]
+
+    def stop(i: int, n: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(pos, neg, tr, te, ["mean_diff"], n_boot=0, on_site=stop)
+
+
 def test_bootstrap_auroc_matches_sklearn():
     rng = np.random.default_rng(0)
     sp, sn = rng.normal(0.5, 1, 40), rng.normal(0, 1, 40)

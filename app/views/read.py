@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from app.errors import shown_errors
+from app.jobs import cancel_button, progress_bar, show_cancelled
 from app.resources import current_model
 from app.state import AppState, get_state
 from probes.plots import pca_scatter, sweep_figure
@@ -55,17 +56,25 @@ def dataset_for(lm: LoadedModel, state: AppState, request: SweepRequest) -> Cont
 
 
 def run_sweep(lm: LoadedModel, state: AppState, request: SweepRequest) -> None:
-    """Capture both sides and sweep, reporting progress; the result goes into the session state."""
+    """Capture both sides and sweep, reporting progress after every batch and site (each report is a
+    point where Cancel stops the run); the result goes into the session state only at the end."""
     if not request.readers:
         raise ValueError("choose at least one reader")
-    bar = st.progress(0.0, text="Loading the pairs…")
+    report = progress_bar("Loading the pairs…")
     ds = dataset_for(lm, state, request)
     sites = resid_post_sites(request.layers)
-    bar.progress(0.05, text=f"Capturing the positive side of {len(ds)} pairs…")
-    pos = capture(lm, ds.positives(), sites, positions="last", progress=False)
-    bar.progress(0.45, text="Capturing the negative side…")
-    neg = capture(lm, ds.negatives(), sites, positions="last", progress=False)
-    bar.progress(0.85, text="Fitting and scoring the readers…")
+    sides = {}
+    for k, (side, texts) in enumerate((("positive", ds.positives()), ("negative", ds.negatives()))):
+
+        def on_batch(done: int, total: int, k: int = k, side: str = side) -> None:
+            report(0.05 + 0.4 * (k + done / total), f"Capturing the {side} side: {done}/{total}")
+
+        report(0.05 + 0.4 * k, f"Capturing the {side} side of {len(ds)} pairs…")
+        sides[side] = capture(
+            lm, texts, sites, positions="last", batch_size=8, progress=False, on_batch=on_batch
+        )
+    pos, neg = sides["positive"], sides["negative"]
+    report(0.85, "Fitting and scoring the readers…")
     train_idx, test_idx = split_indices(ds)
     result = sweep(
         pos,
@@ -76,8 +85,9 @@ def run_sweep(lm: LoadedModel, state: AppState, request: SweepRequest) -> None:
         n_boot=request.n_boot,
         dataset_fingerprint=ds.fingerprint(),
         params={"dataset": ds.name, "n_pairs": len(ds), "train_frac": 0.7, "split_seed": 0},
+        on_site=lambda i, n: report(0.85 + 0.15 * i / n, f"Fitting and scoring: site {i}/{n}"),
     )
-    bar.progress(1.0, text="Done")
+    report(1.0, "Done")
     state.sweep, state.sweep_concept = result, ds.name
     state.acts_pos, state.acts_neg = pos, neg
 
@@ -89,7 +99,9 @@ def render() -> None:
     if lm is None:
         return
     request, run = sweep_ui(lm, state.uploaded is not None)
+    show_cancelled()
     if run:
+        cancel_button("sweep", "read_sweep")
         with shown_errors("The sweep"):
             run_sweep(lm, state, request)
     result = state.sweep

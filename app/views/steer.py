@@ -3,17 +3,16 @@ baseline and steered answers, streamed token by token."""
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from contextlib import closing
 from dataclasses import astuple, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import streamlit as st
 
 from app.errors import shown_errors
+from app.jobs import cancel_button, progress_bar, show_cancelled
 from app.resources import current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
 from repe.datasets import list_concepts, load_neutral
@@ -21,29 +20,30 @@ from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
+from steering.evaluate import ab_eval_specs, kl_from_base
 from steering.generate import GenerationConfig, generate_stream
 from steering.spec import SCALES
+from steering.sweep import SweepReport, SweepRow, coeff_layer_sweep, sweep_figure
 
 COEFF_RANGE = {"relative": (-2.0, 2.0, 0.25, 0.05)}
 OTHER_COEFF_RANGE = (-40.0, 40.0, 8.0, 0.5)
 
 
-def optional(module: str) -> ModuleType | None:
-    """``steering.evaluate`` / ``steering.sweep`` when present (they are being finished elsewhere)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def available_directions(state: AppState) -> dict[str, Direction]:
-    """Directions from the last sweep (one per reader, every swept site) and uploaded artifacts."""
+    """Directions from the last sweep (one per reader, every swept site) and uploaded artifacts.
+    The sweep's directions are built once per sweep (not on every rerun: a slider change should go
+    straight to generation)."""
     out: dict[str, Direction] = {}
     if state.sweep is not None:
-        for reader in state.sweep.readers:
-            out[f"{state.sweep_concept}:{reader}"] = state.sweep.to_direction(
-                reader, name=f"{state.sweep_concept}_{reader}"
-            )
+        if state.sweep_directions[0] is not state.sweep:
+            built = {
+                f"{state.sweep_concept}:{reader}": state.sweep.to_direction(
+                    reader, name=f"{state.sweep_concept}_{reader}"
+                )
+                for reader in state.sweep.readers
+            }
+            state.sweep_directions = (state.sweep, built)
+        out.update(state.sweep_directions[1])
     out.update(state.directions)
     return out
 
@@ -139,24 +139,36 @@ def stream_into(placeholder: Any, lm: LoadedModel, prompt: str, spec: Any, token
     return text
 
 
+def behaviours() -> list[str]:
+    return [c.removeprefix("caa/") for c in list_concepts() if c.startswith("caa/")]
+
+
 def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
-    """CAA A/B shift and KL cost of the current setting (when steering.evaluate exists)."""
-    evaluate = optional("steering.evaluate")
-    if evaluate is None or not hasattr(evaluate, "ab_eval_specs"):
-        st.caption("A/B shift and KL cost: steering.evaluate is not available in this install.")
-        return
-    behaviours = [c.removeprefix("caa/") for c in list_concepts() if c.startswith("caa/")]
+    """CAA A/B shift and KL cost of the current setting."""
     with st.expander("A/B shift and KL cost of this setting"):
-        if not behaviours:
+        names = behaviours()
+        if not names:
             st.info("No CAA behaviours are shipped.")
             return
-        behaviour = st.selectbox("CAA behaviour", behaviours)
-        n_items = st.slider("A/B items", 4, 100, 16)
-        n_texts = st.slider("Neutral texts for the KL", 2, len(load_neutral()), 16)
+        behaviour = st.selectbox("CAA behaviour", names, key="eval_behaviour")
+        n_items = st.slider("A/B items", 4, 100, 16, key="eval_items")
+        n_texts = st.slider(
+            "Neutral texts for the KL", 2, len(load_neutral()), 16, key="eval_texts"
+        )
         if st.button("Measure"):
-            with shown_errors("The evaluation"), st.spinner("Measuring…"):
-                base, steered = evaluate.ab_eval_specs(lm, behaviour, [None, spec], n_items=n_items)
-                kl = evaluate.kl_from_base(lm, spec, load_neutral()[:n_texts])
+            cancel_button("measurement", "measure")
+            with shown_errors("The evaluation"):
+                report = progress_bar("A/B answers…")
+                base, steered = ab_eval_specs(
+                    lm,
+                    behaviour,
+                    [None, spec],
+                    n_items=n_items,
+                    progress=lambda d, n: report(0.8 * d / n, f"A/B answers: {d}/{n} passes"),
+                )
+                report(0.8, "KL on neutral text…")
+                kl = kl_from_base(lm, spec, load_neutral()[:n_texts])
+                report(1.0, "Done")
                 c1, c2, c3 = st.columns(3)
                 c1.metric("A/B matching (base)", f"{base.score:.3f}")
                 c2.metric(
@@ -165,6 +177,83 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
                     f"{steered.score - base.score:+.3f}",
                 )
                 c3.metric("KL from base (nats/token)", f"{kl:.4f}")
+
+
+def parse_coeffs(text: str) -> list[float]:
+    """``"-0.5, 0.25 0.5"`` -> [-0.5, 0.25, 0.5], with a clear error for anything else."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            f"coefficients must be numbers separated by commas; got {text!r}"
+        ) from None
+    if not values:
+        raise ValueError("give at least one coefficient")
+    return sorted(set(values))
+
+
+def use_recommended(state: AppState, row: SweepRow, scale: str) -> None:
+    """Button callback: put the recommended layer and coefficient into the steering widgets."""
+    state.steer.layers = [row.layer]
+    state.steer.coeff = row.coeff
+    lo, hi, _default, _step = COEFF_RANGE.get(scale, OTHER_COEFF_RANGE)
+    st.session_state[f"coeff_{scale}"] = min(max(row.coeff, lo), hi)
+
+
+def coeff_sweep_ui(
+    lm: LoadedModel, state: AppState, spec: SteeringSpec, settings: SteerSettings
+) -> None:
+    """Sweep the coefficient at the chosen layers: A/B shift against KL, the recommended point
+    marked (the strongest setting whose KL stays under the budget)."""
+    with st.expander("Coefficient sweep", expanded=state.coeff_sweep is not None):
+        names = behaviours()
+        if not names:
+            st.info("No CAA behaviours are shipped.")
+            return
+        behaviour = st.selectbox("CAA behaviour", names, key="sweep_behaviour")
+        default = "-0.5, -0.25, 0.25, 0.5" if settings.scale == "relative" else "-8, -4, 4, 8"
+        text = st.text_input(f"Coefficients ({settings.scale} units)", default, key="sweep_coeffs")
+        c1, c2, c3 = st.columns(3)
+        budget = c1.number_input("KL budget (nats/token)", 0.001, 10.0, 0.1, 0.01, format="%.3f")
+        n_items = c2.slider("A/B items", 4, 100, 16, key="sweep_items")
+        n_texts = c3.slider("Neutral texts", 2, len(load_neutral()), 8, key="sweep_texts")
+        if st.button("Run coefficient sweep"):
+            cancel_button("coefficient sweep", "coeff_sweep")
+            with shown_errors("The coefficient sweep"):
+                state.coeff_sweep = coeff_layer_sweep(
+                    lm,
+                    behaviour,
+                    settings.layers,
+                    parse_coeffs(text),
+                    kl_budget=float(budget),
+                    n_items=n_items,
+                    direction=spec.direction,
+                    scale=settings.scale,
+                    operator=settings.operator,
+                    kl_texts=load_neutral()[:n_texts],
+                    progress=progress_bar("Coefficient sweep…"),
+                )
+        report: SweepReport | None = state.coeff_sweep
+        if report is None:
+            return
+        st.plotly_chart(sweep_figure(report))
+        rec = report.recommended
+        if rec is None:
+            st.info(
+                f"No setting moved the A/B answers toward {report.behaviour} within the KL budget "
+                f"of {report.kl_budget:g}."
+            )
+        else:
+            st.success(
+                f"Recommended: layer {rec.layer}, coefficient {rec.coeff:g} "
+                f"(A/B shift {rec.shift:+.3f}, KL {rec.kl:.4f})"
+            )
+            st.button(
+                "Use the recommended setting",
+                on_click=use_recommended,
+                args=(state, rec, report.scale),
+            )
 
 
 def render() -> None:
@@ -179,8 +268,12 @@ def render() -> None:
         accept_multiple_files=True,
     )
     if files:
-        with shown_errors("Loading the artifacts"):
-            state.directions.update(load_uploaded_artifacts(lm, files))
+        # loaded once per set of uploaded files, not on every rerun
+        upload_key = tuple(getattr(f, "file_id", f.name) for f in files)
+        if upload_key != state.upload_key:
+            with shown_errors("Loading the artifacts"):
+                state.directions.update(load_uploaded_artifacts(lm, files))
+                state.upload_key = upload_key
     library = available_directions(state)
     if not library:
         st.info("Run a sweep on the Read page or upload a direction artifact to steer with.")
@@ -191,6 +284,7 @@ def render() -> None:
     if not layers:
         st.warning("The chosen directions share no residual-stream layer.")
         return
+    show_cancelled()
     settings = setting_ui(layers, state.steer)
     settings.direction_names, settings.weights = names, weights
     state.steer = settings
@@ -208,7 +302,9 @@ def render() -> None:
     right.markdown(
         f"**Steered** ({settings.operator}, coeff {settings.coeff:g}, layers {settings.layers})"
     )
-    base_box, steer_box = left.empty(), right.empty()
+    # keyed containers (CSS classes st-key-baseline_answer / st-key-steered_answer) for browser tests
+    base_box = left.container(key="baseline_answer").empty()
+    steer_box = right.container(key="steered_answer").empty()
     with shown_errors("Generation"):
         key = (prompt, tokens)
         if key in state.baseline:
@@ -223,3 +319,4 @@ def render() -> None:
             state.steered_text = stream_into(steer_box, lm, prompt, spec, tokens)
             state.steered_key = steered_key
     evaluation_ui(lm, spec)
+    coeff_sweep_ui(lm, state, spec, settings)

@@ -1,0 +1,223 @@
+"""App latency: from a slider change to the first steered token on screen, against a plain generate
+call's time to first token on the same prompt.
+
+The real app (``python -m repe app``, the README's main command) runs in its own process on the embedded
+model; headless Chromium (Debian's ``chromium``, driven by Playwright) opens the Steer page, uploads a
+direction artifact (a random unit direction at block 12) and waits for the first baseline and steered
+answers. Then, ``--reps`` times, it presses an arrow key on the coefficient slider (the coefficient
+moves by one step, alternately up and down, so every press is a new setting) and the page itself
+records, with ``performance.now()``:
+
+* ``key``: the keydown on the slider (the user's action);
+* ``first``: the first moment the steered answer box shows streamed text (the "▌" cursor that
+  ``stream_into`` draws while tokens arrive) — the first steered token on screen.
+
+The app figure is the median of ``first - key`` (ms). The floor, measured in this process on the same
+model and prompt (chat template, greedy), interleaved with the app measurements:
+
+* ``generate_stream`` with no steering, time to its first step (the library's own streaming loop: the
+  path the app uses, without the app);
+* ``model.generate(max_new_tokens=1)`` on the rendered prompt (HF's plain generate call).
+
+RESULT: app median / the smaller of the two floor medians (the stricter reading); target <= 1.5.
+The server and this process each run torch with ``--threads`` threads (default 1: on 2 shared cores
+a second OpenMP thread mostly spins).
+
+    .venv/bin/python bench/app_latency.py             # full run (~2 minutes)
+    .venv/bin/python bench/app_latency.py --reps 5    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET = 1.5
+LAYER = 12
+CHROMIUM = os.environ.get("REPE_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+PROMPT = "Tell me about your weekend."  # the Steer page's default prompt
+
+TIMING_JS = """
+() => {
+  window.__lat = {key: 0, first: 0};
+  document.addEventListener('keydown', () => {
+    window.__lat = {key: performance.now(), first: 0};
+  }, true);
+  new MutationObserver(() => {
+    const lat = window.__lat;
+    if (!lat.key || lat.first) return;
+    const box = document.querySelector('.st-key-steered_answer');
+    if (box && box.innerText.includes('\u258c')) lat.first = performance.now();
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, threads: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "TQDM_DISABLE": "1",
+    }
+    cmd = [sys.executable, "-m", "repe", "app", "--port", str(port), "--address", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--headless"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the app server did not come up") from None
+            time.sleep(0.3)
+
+
+def wait_idle(page: object, timeout_ms: int = 120_000) -> None:
+    page.wait_for_timeout(300)  # type: ignore[attr-defined]
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
+    )
+
+
+class Floor:
+    """Plain time to first token on the same prompt, in this process."""
+
+    def __init__(self) -> None:
+        from repe.chat import messages
+        from repe.models import load_model
+
+        self.lm = load_model()
+        self.chat = [messages(PROMPT)]
+        tok = self.lm.tokenizer
+        text = tok.apply_chat_template(self.chat[0], tokenize=False, add_generation_prompt=True)
+        self.ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        self.stream_ms: list[float] = []
+        self.hf_ms: list[float] = []
+
+    def measure(self) -> None:
+        from steering.generate import GenerationConfig, generate_stream
+
+        t0 = time.perf_counter()
+        gen = generate_stream(self.lm, [PROMPT], None, GenerationConfig(max_new_tokens=8))
+        next(gen)
+        self.stream_ms.append((time.perf_counter() - t0) * 1e3)
+        gen.close()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.lm.model.generate(
+                **self.ids,
+                max_new_tokens=1,
+                do_sample=False,
+                pad_token_id=self.lm.tokenizer.pad_token_id,
+            )
+        self.hf_ms.append((time.perf_counter() - t0) * 1e3)
+
+
+def write_direction(folder: Path) -> Path:
+    from repe.directions import Direction
+    from repe.models import load_model
+
+    lm = load_model()
+    v = torch.randn(lm.identity.d_model, generator=torch.Generator().manual_seed(3))
+    d = Direction({f"blocks.{LAYER}.hook_resid_post": v / v.norm()}, lm.identity, name="probe")
+    return d.save(folder / "probe")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import playwright.sync_api as sync_api
+
+    floor = Floor()
+    for _ in range(3):
+        floor.measure()  # warm-up
+    floor.stream_ms.clear()
+    floor.hf_ms.clear()
+    port = free_port()
+    server = start_server(port, args.threads)
+    app_ms: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp, sync_api.sync_playwright() as pw:
+            saved = write_direction(Path(tmp))
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.goto(f"http://127.0.0.1:{port}/steer")
+            page.get_by_text("upload a direction artifact", exact=False).wait_for(timeout=120_000)
+            wait_idle(page)
+            files = [str(saved.with_suffix(".safetensors")), str(saved.with_suffix(".json"))]
+            page.locator("input[type='file']").first.set_input_files(files)
+            page.locator(".st-key-steered_answer").wait_for(timeout=120_000)
+            wait_idle(page)
+            tokens = page.get_by_role("slider", name="New tokens").first
+            tokens.focus()
+            tokens.press("Home")  # 4 new tokens: each run ends soon after its first token
+            wait_idle(page)
+            page.evaluate(TIMING_JS)
+            coeff = page.get_by_role("slider", name="Coefficient (relative units)").first
+            for i in range(args.reps + 2):
+                coeff.focus()
+                coeff.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
+                page.wait_for_function("() => window.__lat.first > 0", timeout=60_000)
+                lat = page.evaluate("() => window.__lat")
+                wait_idle(page)
+                if i >= 2:  # the first two are warm-up
+                    app_ms.append(lat["first"] - lat["key"])
+                floor.measure()
+                print(
+                    f"# rep {i}: app {lat['first'] - lat['key']:.1f} ms, plain stream "
+                    f"{floor.stream_ms[-1]:.1f} ms, HF generate {floor.hf_ms[-1]:.1f} ms",
+                    flush=True,
+                )
+            assert page.locator("[data-testid='stException']").count() == 0
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    app = statistics.median(app_ms)
+    stream = statistics.median(floor.stream_ms[2:])
+    hf = statistics.median(floor.hf_ms[2:])
+    base = min(stream, hf)
+    print(f"INFO app_slider_to_first_steered_token_ms {app:.1f} (median of {len(app_ms)})")
+    print(f"INFO plain_generate_stream_ttft_ms {stream:.1f}")
+    print(f"INFO plain_hf_generate_ttft_ms {hf:.1f}")
+    ratio = app / base
+    ok = ratio <= TARGET
+    print(
+        f"RESULT app_slider_to_first_token_vs_plain_ttft {ratio:.3f} target <= {TARGET:g} "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
