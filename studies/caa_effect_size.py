@@ -1,0 +1,95 @@
+"""Study: how far do CAA vectors move A/B answers on the embedded model, against item-sampling noise?
+
+For each behaviour: a CAA vector (``steering.caa.caa_direction``, letter-balanced mean difference at the
+answer letter) from ``--pairs`` training pairs (0 = the whole training split), applied at every token at
+each of ``--layers`` with each of ``--coeffs`` (fractions of the residual norm); scored on ``--items``
+letter-balanced held-out items (``stratified_sample`` of the test split, seed ``--seed``; capped at the
+split's size). Reported per setting: the shift of the mean matching probability from the unsteered
+score and its paired standard error over items (stdev of per-item differences / sqrt(n)), and
+whether the shift is more than two standard errors from zero in the intended direction.
+
+The report (markdown) goes to ``--out`` (default ``studies/reports/caa_effect_size.md``) and to stdout.
+
+    .venv/bin/python studies/caa_effect_size.py                       # ~10 min on 2 cores
+    .venv/bin/python studies/caa_effect_size.py --pairs 0             # every training pair
+    .venv/bin/python studies/caa_effect_size.py --behaviours refusal --items 16 --layers 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from repe.models import load_model  # noqa: E402
+from steering import SteeringSpec  # noqa: E402
+from steering.caa import caa_direction, caa_split  # noqa: E402
+from steering.evaluate import ab_eval_specs, stratified_sample  # noqa: E402
+
+BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
+
+
+def study(args: argparse.Namespace) -> str:
+    lm = load_model()
+    lines = [
+        "# CAA effect size on the embedded model",
+        "",
+        f"Pairs per vector: {args.pairs or 'all training pairs'}; layers {args.layers}; "
+        f"coefficients {args.coeffs} (fractions of the residual norm, every token steered); "
+        f"held-out items: up to {args.items}, letter-balanced, seed {args.seed}.",
+        "",
+        "| behaviour | items | base | layer | coeff | shift | paired se | > 2 se, intended sign |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for behaviour in args.behaviours:
+        t0 = time.perf_counter()
+        d = caa_direction(lm, behaviour, layers=args.layers, n_pairs=args.pairs or None)
+        held_out = caa_split(behaviour, seed=0)[1]
+        items = stratified_sample(held_out, min(args.items, len(held_out)), seed=args.seed)
+        settings = [(layer, c) for layer in args.layers for c in args.coeffs]
+        specs = [None] + [
+            SteeringSpec(d, coeff=c, sites=[f"blocks.{layer}.hook_resid_post"], positions="all")
+            for layer, c in settings
+        ]
+        results = ab_eval_specs(lm, items, specs, batch_size=16)
+        base = results[0]
+        for (layer, c), res in zip(settings, results[1:], strict=True):
+            diffs = [s - b for s, b in zip(res.item_scores, base.item_scores, strict=True)]
+            shift = statistics.fmean(diffs)
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            clear = shift * (1 if c > 0 else -1) > 2 * se
+            lines.append(
+                f"| {behaviour} | {len(items)} | {base.score:.4f} | {layer} | {c:+g} | "
+                f"{shift:+.4f} | {se:.4f} | {'yes' if clear else 'no'} |"
+            )
+        print(f"# {behaviour}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--behaviours", nargs="+", default=list(BEHAVIOURS))
+    ap.add_argument("--pairs", type=int, default=64, help="training pairs per vector (0 = all)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[6, 9, 12])
+    ap.add_argument("--coeffs", type=float, nargs="+", default=[-0.1, 0.1])
+    ap.add_argument("--items", type=int, default=96, help="held-out items (capped at the split)")
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "studies" / "reports" / "caa_effect_size.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    report = study(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The scripted studies run end to end on the embedded model (small settings) and write their report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if (
+    str(ROOT) not in sys.path
+):  # studies/ is a folder of the repository, not part of the distribution
+    sys.path.insert(0, str(ROOT))
+
+from studies.caa_effect_size import study  # noqa: E402
+
+
+@pytest.mark.integration
+def test_caa_effect_size_study_reports_every_setting() -> None:
+    args = argparse.Namespace(
+        behaviours=["refusal"], pairs=8, layers=[9], coeffs=[-0.1, 0.1], items=8, seed=2
+    )
+    report = study(args)
+    rows = [line for line in report.splitlines() if line.startswith("| refusal |")]
+    assert len(rows) == 2
+    for row, coeff in zip(rows, ("-0.1", "+0.1"), strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "8" and cells[3] == "9" and cells[4] == coeff
+        assert 0.0 <= float(cells[2]) <= 1.0  # unsteered score
+        assert abs(float(cells[5])) < 1.0 and float(cells[6]) >= 0.0  # shift, paired se
+        assert cells[7] in ("yes", "no")
