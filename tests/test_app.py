@@ -150,6 +150,7 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
         "KL from base (nats/token)",
     }
     assert float(metrics["KL from base (nats/token)"]) > 0
+    assert any("paired standard error over 4 items" in c.value for c in at.caption)
     assert at.session_state[STATE_KEY].steered_text == st1.steered_text, "no regeneration"
 
 
@@ -183,6 +184,15 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
     assert coeff.value == rec.coeff
     assert at.session_state[STATE_KEY].spec.coeff == rec.coeff
+
+
+def test_shift_caption_says_whether_the_shift_is_beyond_noise() -> None:
+    from app.views.steer import shift_caption
+
+    assert "beyond" in shift_caption([0.5, 0.5, 0.5, 0.5], [0.6, 0.61, 0.59, 0.6])
+    assert "within" in shift_caption([0.5, 0.5, 0.5, 0.5], [0.7, 0.3, 0.62, 0.4])
+    assert "+0.1000 ± 0.0041" in shift_caption([0.5] * 4, [0.6, 0.61, 0.59, 0.6])
+    assert "no standard error" in shift_caption([0.5], [0.6])
 
 
 def test_steer_page_bad_coefficients_are_a_message() -> None:

@@ -3,6 +3,7 @@ baseline and steered answers, streamed token by token."""
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from contextlib import closing
 from dataclasses import astuple, replace
@@ -177,6 +178,22 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
                     f"{steered.score - base.score:+.3f}",
                 )
                 c3.metric("KL from base (nats/token)", f"{kl:.4f}")
+                st.caption(shift_caption(base.item_scores, steered.item_scores))
+
+
+def shift_caption(base: list[float], steered: list[float]) -> str:
+    """The A/B shift with its paired standard error over items, and whether it stands out of the
+    item-sampling noise (on small models CAA shifts are often smaller than that noise)."""
+    diffs = [s - b for s, b in zip(steered, base, strict=True)]
+    shift = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"A/B shift {shift:+.4f} (one item: no standard error)"
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    verdict = "beyond" if abs(shift) > 2 * se else "within"
+    return (
+        f"A/B shift {shift:+.4f} ± {se:.4f} (paired standard error over {len(diffs)} items): "
+        f"{verdict} two standard errors of item-sampling noise"
+    )
 
 
 def parse_coeffs(text: str) -> list[float]:
