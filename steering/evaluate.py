@@ -22,6 +22,7 @@ import json
 import math
 import random
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -142,6 +143,15 @@ def _held_out_items(
         if n_items < len(items):
             items = stratified_sample(items, n_items, seed)
     return behaviour, items
+
+
+def paired_shift(base: Sequence[float], steered: Sequence[float]) -> tuple[float, float]:
+    """Mean per-item change of the matching probability from ``base`` to ``steered`` item scores
+    (``ABResult.item_scores`` of the same items) and its paired standard error (NaN for one item)."""
+    diffs = [s - b for s, b in zip(steered, base, strict=True)]
+    shift = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else math.nan
+    return shift, se
 
 
 def stratified_sample(items: Sequence[CAAItem], n: int, seed: int = 0) -> list[CAAItem]:

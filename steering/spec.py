@@ -81,12 +81,13 @@ class SteeringSpec:
         }
 
 
-def scale_factor(direction: Direction, site: str, scale: str) -> float:
-    """Multiplier that turns a coefficient in ``scale`` units into a length along the unit direction."""
+def scale_factor(direction: Direction, site: str, scale: str, norm: float | None = None) -> float:
+    """Multiplier that turns a coefficient in ``scale`` units into a length along the unit direction
+    (``norm``: the stored vector's norm when the caller has it already, for ``scale="raw"``)."""
     if scale == "unit":
         return 1.0
     if scale == "raw":
-        return float(direction[site].float().norm())
+        return float(direction[site].float().norm()) if norm is None else norm
     key = {"relative": "resid_norm", "mean_diff": "mean_diff_norm"}.get(scale)
     if key is None:
         raise ValueError(f"scale must be one of {SCALES}; got {scale!r}")
@@ -189,18 +190,14 @@ def _site_tensors(
                 if norm == 0.0:
                     raise ValueError(f"direction {spec.direction.name!r} is zero at {n}")
         # a unit vector is used as it is, so a patched site equals orig + c*v bit for bit
-        is_unit = ((norms - 1.0).abs() < 1e-6).view(-1, *([1] * (vs.dim() - 1)))
-        us = torch.where(is_unit, vs, vs / norms.clamp(min=1e-12).view(-1, *([1] * (vs.dim() - 1))))
+        column = (-1, *([1] * (vs.dim() - 1)))  # one value per stacked vector
+        is_unit = ((norms - 1.0).abs() < 1e-6).view(column)
+        us = torch.where(is_unit, vs, vs / norms.clamp(min=1e-12).view(column))
         lengths = []
         for n, norm in zip(names, norm_list, strict=True):
             c = spec.coeff_at(n)
-            if c == 0.0:
-                lengths.append(0.0)
-            elif spec.scale == "raw":
-                lengths.append(c * norm)
-            else:
-                lengths.append(c * scale_factor(spec.direction, n, spec.scale))
-        lens = torch.tensor(lengths, dtype=us.dtype).view(-1, *([1] * (vs.dim() - 1)))
+            lengths.append(c * scale_factor(spec.direction, n, spec.scale, norm) if c else 0.0)
+        lens = torch.tensor(lengths, dtype=us.dtype).view(column)
         for n, d, u, length in zip(
             names,
             (us * lens).to(dev, dtype).unbind(0),

@@ -18,7 +18,6 @@ The report (markdown) goes to ``--out`` (default ``studies/reports/caa_effect_si
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from repe.models import load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
 from steering.caa import caa_direction, caa_split  # noqa: E402
-from steering.evaluate import ab_eval_specs, stratified_sample  # noqa: E402
+from steering.evaluate import ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
 
 BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 
@@ -61,9 +60,7 @@ def study(args: argparse.Namespace) -> str:
         results = ab_eval_specs(lm, items, specs, batch_size=16)
         base = results[0]
         for (layer, c), res in zip(settings, results[1:], strict=True):
-            diffs = [s - b for s, b in zip(res.item_scores, base.item_scores, strict=True)]
-            shift = statistics.fmean(diffs)
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            shift, se = paired_shift(base.item_scores, res.item_scores)
             clear = shift * (1 if c > 0 else -1) > 2 * se
             lines.append(
                 f"| {behaviour} | {len(items)} | {base.score:.4f} | {layer} | {c:+g} | "

@@ -3,7 +3,6 @@ baseline and steered answers, streamed token by token."""
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from contextlib import closing
 from dataclasses import astuple, replace
@@ -21,7 +20,7 @@ from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
-from steering.evaluate import ab_eval_specs, kl_from_base
+from steering.evaluate import ab_eval_specs, kl_from_base, paired_shift
 from steering.generate import GenerationConfig, generate_stream
 from steering.spec import SCALES
 from steering.sweep import SweepReport, SweepRow, coeff_layer_sweep, sweep_figure
@@ -184,14 +183,12 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
 def shift_caption(base: list[float], steered: list[float]) -> str:
     """The A/B shift with its paired standard error over items, and whether it stands out of the
     item-sampling noise (on small models CAA shifts are often smaller than that noise)."""
-    diffs = [s - b for s, b in zip(steered, base, strict=True)]
-    shift = statistics.fmean(diffs)
-    if len(diffs) < 2:
+    shift, se = paired_shift(base, steered)
+    if len(base) < 2:
         return f"A/B shift {shift:+.4f} (one item: no standard error)"
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
     verdict = "beyond" if abs(shift) > 2 * se else "within"
     return (
-        f"A/B shift {shift:+.4f} ± {se:.4f} (paired standard error over {len(diffs)} items): "
+        f"A/B shift {shift:+.4f} ± {se:.4f} (paired standard error over {len(base)} items): "
         f"{verdict} two standard errors of item-sampling noise"
     )
 
