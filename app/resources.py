@@ -9,6 +9,7 @@ import streamlit as st
 
 from repe.models import LoadedModel, load_model
 from repe.sites import resid_post_sites
+from steering.ab_control import ABControl, ab_control
 from steering.calibrate import residual_norms
 
 
@@ -33,3 +34,10 @@ def resid_norms(path: str = "") -> dict[str, float]:
     read-only data derived from the shared model, so shared between sessions too."""
     lm = get_model(path)
     return residual_norms(lm, resid_post_sites(range(lm.n_layers)))
+
+
+@st.cache_data(show_spinner="Checking whether the model reads A/B options (once per model)…")
+def ab_control_result(path: str = "") -> ABControl:
+    """The A/B control (``steering.ab_control``) on the unsteered model: does its answer letter depend
+    on the options at all? Measured once per model and shared between sessions."""
+    return ab_control(get_model(path))

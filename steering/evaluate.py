@@ -64,6 +64,7 @@ class ABResult:
     behaviour: str | None = None
     spec: dict[str, Any] | None = None
     items_fingerprint: str = ""
+    form: str = "ab"  # "ab": the answer letter; "cloze": the answer text (steering.cloze)
 
     def __str__(self) -> str:
         return (

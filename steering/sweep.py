@@ -14,6 +14,7 @@ the table in ``metrics["sweep"]``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -22,8 +23,9 @@ from repe.datasets import CAAItem
 from repe.directions import Direction
 from repe.errors import require
 from repe.models import LoadedModel
+from steering.ab_control import ABControl, ab_control
 from steering.caa import caa_direction
-from steering.evaluate import IDENTITY_AT_ZERO, NeutralCosts, ab_eval_specs
+from steering.evaluate import IDENTITY_AT_ZERO, NeutralCosts, ab_eval_specs, paired_shift
 from steering.operators import OPERATORS
 from steering.spec import SCALES, SteeringSpec
 
@@ -43,6 +45,12 @@ class SweepRow:
     kl: float  # mean KL(base || steered) on neutral text, nats per token
     perplexity: float  # on neutral text
     letter_mass: float  # mean p(matching) + p(not matching)
+    se: float = 0.0  # paired standard error of the shift over items (0 at coeff 0)
+
+    @property
+    def beyond_noise(self) -> bool:
+        """Whether the shift is more than two paired standard errors from zero."""
+        return abs(self.shift) > 2 * self.se
 
 
 @dataclass
@@ -62,6 +70,9 @@ class SweepReport:
     recommended: SweepRow | None
     direction: Direction | None = field(default=None, repr=False)
     items_fingerprint: str = ""
+    control: ABControl | None = (
+        None  # does the model read A/B options at all? (steering.ab_control)
+    )
 
     @property
     def layers(self) -> list[int]:
@@ -90,6 +101,7 @@ class SweepReport:
             "items_fingerprint": self.items_fingerprint,
             "base_score": self.base_score,
             "base_perplexity": self.base_perplexity,
+            "control": None if self.control is None else self.control.to_dict(),
             "rows": [asdict(r) for r in self.rows],
             "recommended": None
             if self.recommended is None
@@ -99,6 +111,7 @@ class SweepReport:
                 "coeff": self.recommended.coeff,
                 "score": self.recommended.score,
                 "shift": self.recommended.shift,
+                "se": self.recommended.se,
                 "kl": self.recommended.kl,
             },
         }
@@ -106,8 +119,8 @@ class SweepReport:
     def table(self) -> str:
         """A plain-text table; the recommended row is marked with ``*``."""
         head = (
-            f"{'layer':>5} {'coeff':>7} {'A/B':>7} {'shift':>8} {'bal':>7} {'KL':>8} {'ppl':>8} "
-            f"{'mass':>6}"
+            f"{'layer':>5} {'coeff':>7} {'A/B':>7} {'shift':>8} {'se':>7} {'bal':>7} {'KL':>8} "
+            f"{'ppl':>8} {'mass':>6}"
         )
         lines = [
             f"A/B sweep{'' if self.behaviour is None else ' ' + self.behaviour}: {self.n_items} "
@@ -120,7 +133,7 @@ class SweepReport:
             for r in self.at(layer):
                 mark = " *" if r == self.recommended else ""
                 lines.append(
-                    f"{r.layer:>5} {r.coeff:>7.3g} {r.score:>7.4f} {r.shift:>+8.4f} "
+                    f"{r.layer:>5} {r.coeff:>7.3g} {r.score:>7.4f} {r.shift:>+8.4f} {r.se:>7.4f} "
                     f"{r.balanced_score:>7.4f} {r.kl:>8.4f} {r.perplexity:>8.3f} "
                     f"{r.letter_mass:>6.3f}{mark}"
                 )
@@ -130,7 +143,13 @@ class SweepReport:
             )
         else:
             r = self.recommended
-            lines.append(f"recommended: {r.site} coeff {r.coeff:g} ({self.scale})")
+            noise = "" if r.beyond_noise else " (its shift is within two standard errors of zero)"
+            lines.append(f"recommended: {r.site} coeff {r.coeff:g} ({self.scale}){noise}")
+        if self.control is not None:
+            lines.append(str(self.control))
+            warning = self.control.warning()
+            if warning:
+                lines.append(f"WARNING: {warning}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -184,6 +203,7 @@ def coeff_layer_sweep(
     seed: int = 0,
     kl_texts: Sequence[str] | None = None,
     progress: Callable[[float, str], None] | None = None,
+    control: bool | ABControl = True,
 ) -> SweepReport:
     """Sweep coefficients x layers: A/B effect on held-out items against KL / perplexity on neutral text.
 
@@ -205,6 +225,8 @@ def coeff_layer_sweep(
         kl_texts: neutral texts for the cost (default: ``repe.datasets.load_neutral()``).
         progress: called as ``progress(fraction_done, what)`` while it runs (a UI's progress bar;
             raising from it stops the sweep).
+        control: run :func:`steering.ab_control.ab_control` (64 short prompts) and keep its result in
+            the report (True, default), skip it (False), or pass a result already measured on ``lm``.
     """
     if not layers:
         raise ValueError("layers is empty: pass at least one block index")
@@ -260,25 +282,42 @@ def coeff_layer_sweep(
         n_items=n_items,
         batch_size=batch_size,
         seed=seed,
-        progress=lambda done, total: report(0.7 * done / total, "A/B answers"),
+        progress=lambda done, total: report(0.65 * done / total, "A/B answers"),
     )
     base = results[0]
+    checked: ABControl | None = control if isinstance(control, ABControl) else None
+    if control is True:
+        checked = ab_control(
+            lm,
+            batch_size=batch_size,
+            progress=lambda done, total: report(0.7 - 0.05 * (total - done) / total, "A/B control"),
+        )
     costs = NeutralCosts(lm, kl_texts, batch_size)
     base_ppl = costs.perplexity(None)
     measured = {}
     for i, ((layer, c), res) in enumerate(zip(settings, results[1:], strict=True)):
         report(0.7 + 0.3 * i / max(len(settings), 1), "KL and perplexity on neutral text")
         kl, ppl = costs.measure(spec(layer, c))
-        measured[(layer, c)] = (res.score, res.balanced_score, kl, ppl, res.letter_mass)
+        measured[(layer, c)] = (res, kl, ppl)
     rows = []
     for layer in layer_list:
-        zero = measured.get(
-            (layer, 0.0), (base.score, base.balanced_score, 0.0, base_ppl, base.letter_mass)
-        )
+        zero = measured.get((layer, 0.0), (base, 0.0, base_ppl))
         for c in coeff_list:
-            score, bal, kl, ppl, mass = measured.get((layer, c), zero)
+            res, kl, ppl = measured.get((layer, c), zero)
+            shift, se = paired_shift(zero[0].item_scores, res.item_scores)
             rows.append(
-                SweepRow(layer, sites[layer], c, score, score - zero[0], bal, kl, ppl, mass)
+                SweepRow(
+                    layer,
+                    sites[layer],
+                    c,
+                    res.score,
+                    shift,
+                    res.balanced_score,
+                    kl,
+                    ppl,
+                    res.letter_mass,
+                    se if math.isfinite(se) else 0.0,
+                )
             )
     report(1.0, "done")
     return SweepReport(
@@ -294,12 +333,13 @@ def coeff_layer_sweep(
         recommended=recommend(rows, kl_budget),
         direction=direction,
         items_fingerprint=base.items_fingerprint,
+        control=checked,
     )
 
 
 def sweep_figure(report: SweepReport) -> Any:
-    """A plotly figure: A/B score (left) and KL (right) against the coefficient, one line per layer,
-    the KL budget as a dashed line and the recommended setting as a star. Needs the ``plots`` extra."""
+    """A plotly figure: A/B score (left, with bars of two paired standard errors of the shift) and KL
+    (right) against the coefficient, one line per layer, the KL budget as a dashed line and the recommended setting as a star. Needs the ``plots`` extra."""
     go = require("plotly.graph_objects", "plots")
     subplots = require("plotly.subplots", "plots")
     fig = subplots.make_subplots(
@@ -310,11 +350,13 @@ def sweep_figure(report: SweepReport) -> Any:
         rows = report.at(layer)
         color = palette[i % len(palette)]
         x = [r.coeff for r in rows]
+        errors = {"type": "data", "array": [2 * r.se for r in rows], "visible": True}
         for col, y in ((1, [r.score for r in rows]), (2, [r.kl for r in rows])):
             fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=y,
+                    error_y=errors if col == 1 else None,
                     mode="lines+markers",
                     name=f"layer {layer}",
                     legendgroup=f"layer {layer}",

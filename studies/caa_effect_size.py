@@ -6,7 +6,8 @@ each of ``--layers`` with each of ``--coeffs`` (fractions of the residual norm);
 letter-balanced held-out items (``stratified_sample`` of the test split, seed ``--seed``; capped at the
 split's size). Reported per setting: the shift of the mean matching probability from the unsteered
 score and its paired standard error over items (stdev of per-item differences / sqrt(n)), and
-whether the shift is more than two standard errors from zero in the intended direction.
+whether the shift is more than two standard errors from zero in the intended direction. The report
+opens with the A/B control (``steering.ab_control``): whether the model reads A/B options at all.
 
 The report (markdown) goes to ``--out`` (default ``studies/reports/caa_effect_size.md``) and to stdout.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from repe.models import load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
+from steering.ab_control import ab_control  # noqa: E402
 from steering.caa import caa_direction, caa_split  # noqa: E402
 from steering.evaluate import ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
 
@@ -37,9 +39,13 @@ BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 
 def study(args: argparse.Namespace) -> str:
     lm = load_model()
+    control = ab_control(lm)
     lines = [
         "# CAA effect size on the embedded model",
         "",
+        f"{control}.",
+        "",
+        *([f"**Warning**: {control.warning()}.", ""] if control.warning() else []),
         f"Pairs per vector: {args.pairs or 'all training pairs'}; layers {args.layers}; "
         f"coefficients {args.coeffs} (fractions of the residual norm, every token steered); "
         f"held-out items: up to {args.items}, letter-balanced, seed {args.seed}.",

@@ -151,6 +151,8 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
     }
     assert float(metrics["KL from base (nats/token)"]) > 0
     assert any("paired standard error over 4 items" in c.value for c in at.caption)
+    # the embedded model picks A/B letters without reading the options: the page says what that means
+    assert any("does not read A/B options" in w.value for w in at.warning)
     assert at.session_state[STATE_KEY].steered_text == st1.steered_text, "no regeneration"
 
 
@@ -173,6 +175,8 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     assert report is not None and report.coeffs == [-0.5, 0.0, 0.5, 1.0]
     assert report.layers == at.session_state[STATE_KEY].steer.layers
     assert len(at.get("plotly_chart")) == 1, "the sweep curve"
+    assert report.control is not None and not report.control.reads_choices
+    assert any("does not read A/B options" in w.value for w in at.warning)
     rec = report.recommended
     if rec is None:  # the library found no positive shift: the page must say so
         assert not any(r.coeff > 0 and r.shift > 0 for r in report.rows)

@@ -413,9 +413,20 @@ def test_sweep_recommendation_respects_the_kl_budget(tiny_lm, items):
     )
     assert tight.recommended != best
     assert tight.recommended is None or tight.recommended.kl <= tight.kl_budget
+    for r in loose.rows:  # the paired standard error of each shift, against coefficient 0
+        assert r.se >= 0.0 and (r.se == 0.0) == (r.coeff == 0.0)
     none = coeff_layer_sweep(
-        tiny_lm, items, [1], [0.5], kl_budget=0.0, direction=d, kl_texts=TEXTS, n_items=8
+        tiny_lm,
+        items,
+        [1],
+        [0.5],
+        kl_budget=0.0,
+        direction=d,
+        kl_texts=TEXTS,
+        n_items=8,
+        control=loose.control or False,
     )
+    assert none.control is loose.control  # a control result passed in is kept, not re-measured
     assert none.recommended is None and "no recommendation" in none.table()
     with pytest.raises(ValueError, match="recommends no setting"):
         none.apply_to(d)
@@ -443,11 +454,21 @@ def test_sweep_report_annotates_the_direction_and_plots(tiny_lm, items, tmp_path
     assert d.recommended_coeff is None  # a copy
     loaded = Direction.load(tuned.save(tmp_path / "tuned"))
     assert loaded.metrics["sweep"]["rows"] == tuned.metrics["sweep"]["rows"]
-    assert "*" in report.table().splitlines()[-2]
+    starred = [line for line in report.table().splitlines() if line.endswith(" *")]
+    assert len(starred) == 1 and starred[0].split()[:2] == ["2", "9"]
+    # the A/B control ran on the same model and is reported with the sweep
+    assert report.control is not None and report.control.n_items == 64
+    assert tuned.metrics["sweep"]["control"] == report.control.to_dict()
+    assert str(report.control) in report.table()
+    assert ("WARNING: this model does not read A/B options" in report.table()) == (
+        not report.control.reads_choices
+    )
     pytest.importorskip("plotly")
     fig = sweep_figure(report)
     names = [t.name for t in fig.data]
     assert "layer 1" in names
+    ab_layer1 = next(t for t in fig.data if t.name == "layer 1" and t.error_y.array is not None)
+    assert list(ab_layer1.error_y.array) == [2 * r.se for r in report.at(1)]
     stars = [t for t in fig.data if t.name.startswith("recommended")]
     assert [(t.x[0], t.y[0]) for t in stars] == [(9.0, report.recommended.score), (9.0, 0.0)]
 
@@ -480,9 +501,12 @@ def test_sweep_reports_progress_and_stops_when_the_callback_raises(tiny_lm, item
     )
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] > 0
-    assert {"A/B answers", "KL and perplexity on neutral text"} <= {w for _, w in seen}
-    # 2 batches x 5 specs (base + 2 layers x 2 coeffs) A/B passes, then 4 cost measurements, then done
-    assert len(seen) == 2 * 5 + 4 + 1
+    assert {"A/B answers", "A/B control", "KL and perplexity on neutral text"} <= {
+        w for _, w in seen
+    }
+    # 2 batches x 5 specs (base + 2 layers x 2 coeffs) A/B passes, 16 batches of the 64 control
+    # items, then 4 cost measurements, then done
+    assert len(seen) == 2 * 5 + 16 + 4 + 1
     assert len(report.rows) == 2 * 3
 
     class Stop(Exception):

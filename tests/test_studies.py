@@ -31,3 +31,5 @@ def test_caa_effect_size_study_reports_every_setting() -> None:
         assert 0.0 <= float(cells[2]) <= 1.0  # unsteered score
         assert abs(float(cells[5])) < 1.0 and float(cells[6]) >= 0.0  # shift, paired se
         assert cells[7] in ("yes", "no")
+    assert "A/B control: does NOT read the options" in report  # the embedded model (issue 4)
+    assert "**Warning**: this model does not read A/B options" in report

@@ -13,7 +13,7 @@ import streamlit as st
 
 from app.errors import shown_errors
 from app.jobs import cancel_button, progress_bar, show_cancelled
-from app.resources import current_model, resid_norms
+from app.resources import ab_control_result, current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
 from repe.datasets import list_concepts, load_neutral
 from repe.directions import Direction
@@ -143,7 +143,7 @@ def behaviours() -> list[str]:
     return [c.removeprefix("caa/") for c in list_concepts() if c.startswith("caa/")]
 
 
-def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
+def evaluation_ui(lm: LoadedModel, spec: SteeringSpec, model_path: str) -> None:
     """CAA A/B shift and KL cost of the current setting."""
     with st.expander("A/B shift and KL cost of this setting"):
         names = behaviours()
@@ -178,6 +178,9 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec) -> None:
                 )
                 c3.metric("KL from base (nats/token)", f"{kl:.4f}")
                 st.caption(shift_caption(base.item_scores, steered.item_scores))
+                warning = ab_control_result(model_path).warning()
+                if warning:
+                    st.warning(f"A/B control: {warning[0].upper()}{warning[1:]}.")
 
 
 def shift_caption(base: list[float], steered: list[float]) -> str:
@@ -247,11 +250,15 @@ def coeff_sweep_ui(
                     operator=settings.operator,
                     kl_texts=load_neutral()[:n_texts],
                     progress=progress_bar("Coefficient sweep…"),
+                    control=ab_control_result(state.model_path),
                 )
         report: SweepReport | None = state.coeff_sweep
         if report is None:
             return
         st.plotly_chart(sweep_figure(report))
+        warning = None if report.control is None else report.control.warning()
+        if warning:
+            st.warning(f"A/B control: {warning[0].upper()}{warning[1:]}.")
         rec = report.recommended
         if rec is None:
             st.info(
@@ -259,9 +266,10 @@ def coeff_sweep_ui(
                 f"of {report.kl_budget:g}."
             )
         else:
+            noise = "" if rec.beyond_noise else "; within two standard errors of zero"
             st.success(
                 f"Recommended: layer {rec.layer}, coefficient {rec.coeff:g} "
-                f"(A/B shift {rec.shift:+.3f}, KL {rec.kl:.4f})"
+                f"(A/B shift {rec.shift:+.3f} ± {rec.se:.3f}{noise}, KL {rec.kl:.4f})"
             )
             st.button(
                 "Use the recommended setting",
@@ -332,5 +340,5 @@ def render() -> None:
             state.steered_key = ()
             state.steered_text = stream_into(steer_box, lm, prompt, spec, tokens)
             state.steered_key = steered_key
-    evaluation_ui(lm, spec)
+    evaluation_ui(lm, spec, state.model_path)
     coeff_sweep_ui(lm, state, spec, settings)

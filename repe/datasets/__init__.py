@@ -19,6 +19,7 @@ from repe.datasets.behaviour import (
     PersonaStatement,
     emotion_pairs,
     facts_honesty_pairs,
+    load_ab_control,
     load_caa,
     load_caa_items,
     load_emotions,
@@ -57,6 +58,7 @@ from repe.datasets.values import (
 
 __all__ = [
     "load_neutral",
+    "load_ab_control",
     "CAA_BEHAVIOURS",
     "DATA_DIR",
     "DEFAULT_PERSONA_TEMPLATE",

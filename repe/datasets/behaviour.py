@@ -144,10 +144,7 @@ def emotion_pairs(emotion: str, *, chat: bool = True, seed: int = 0) -> Contrast
 
 
 # --- CAA
-def load_caa_items(behaviour: str) -> list[CAAItem]:
-    """The CAA A/B questions for one of the seven behaviours (``CAA_BEHAVIOURS``)."""
-    behaviour = pick(behaviour, CAA_BEHAVIOURS, "CAA behaviour")
-    path = data_path("caa", "generate", behaviour, "generate_dataset.json")
+def _read_caa_items(path: Any) -> list[CAAItem]:
     keys = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
     out = []
     for i, obj in enumerate(read_json_list(path)):
@@ -163,6 +160,23 @@ def load_caa_items(behaviour: str) -> list[CAAItem]:
             )
         )
     return out
+
+
+def load_caa_items(behaviour: str) -> list[CAAItem]:
+    """The CAA A/B questions for one of the seven behaviours (``CAA_BEHAVIOURS``)."""
+    behaviour = pick(behaviour, CAA_BEHAVIOURS, "CAA behaviour")
+    return _read_caa_items(data_path("caa", "generate", behaviour, "generate_dataset.json"))
+
+
+def load_ab_control() -> list[CAAItem]:
+    """Trivially easy A/B questions in CAA's format ("What is 2 + 2? (A) 4 (B) 9"), 32 questions each
+    asked twice with the two options swapped; the "matching" answer is the correct one.
+
+    A model that reads the options scores near 1 on them; one that picks a letter without reading them
+    scores exactly 0.5 whatever its letter preference (each question's two orders cancel it). See
+    :func:`steering.ab_control.ab_control`. Written for this project (``repe/data/ab_control``).
+    """
+    return _read_caa_items(data_path("ab_control", "easy_ab.json"))
 
 
 def _open_answer(answer: str) -> str:
