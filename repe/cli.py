@@ -205,6 +205,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         direction=direction,
         scale=args.scale,
         batch_size=args.batch_size,
+        form=args.form,
     )
     print(report.table())
     if args.out:
@@ -337,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-budget", type=float, default=0.1)
     p.add_argument("--items", type=int, default=40, help="held-out A/B items")
     p.add_argument("--pairs", type=int, default=64, help="training pairs for the CAA vector")
+    p.add_argument(
+        "--form",
+        default="ab",
+        choices=["ab", "cloze"],
+        help="score answer letters (CAA's A/B, default) or answer texts (cloze: for models that do "
+        "not read A/B options; the default vector is then built from answer texts)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="save the vector with its recommended coefficient")
     p.set_defaults(func=cmd_sweep)

@@ -25,10 +25,12 @@ from repe.errors import require
 from repe.models import LoadedModel
 from steering.ab_control import ABControl, ab_control
 from steering.caa import caa_direction
+from steering.cloze import cloze_direction, cloze_eval_specs
 from steering.evaluate import IDENTITY_AT_ZERO, NeutralCosts, ab_eval_specs, paired_shift
 from steering.operators import OPERATORS
 from steering.spec import SCALES, SteeringSpec
 
+FORMS = ("ab", "cloze")
 DEFAULT_COEFFS = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -70,9 +72,9 @@ class SweepReport:
     recommended: SweepRow | None
     direction: Direction | None = field(default=None, repr=False)
     items_fingerprint: str = ""
-    control: ABControl | None = (
-        None  # does the model read A/B options at all? (steering.ab_control)
-    )
+    # does the model read A/B options at all? (steering.ab_control)
+    control: ABControl | None = None
+    form: str = "ab"  # "ab": answer letters; "cloze": answer texts (steering.cloze)
 
     @property
     def layers(self) -> list[int]:
@@ -93,6 +95,7 @@ class SweepReport:
         """A JSON-ready view (what :meth:`apply_to` stores in ``metrics["sweep"]``)."""
         return {
             "behaviour": self.behaviour,
+            "form": self.form,
             "kl_budget": self.kl_budget,
             "scale": self.scale,
             "operator": self.operator,
@@ -119,11 +122,11 @@ class SweepReport:
     def table(self) -> str:
         """A plain-text table; the recommended row is marked with ``*``."""
         head = (
-            f"{'layer':>5} {'coeff':>7} {'A/B':>7} {'shift':>8} {'se':>7} {'bal':>7} {'KL':>8} "
+            f"{'layer':>5} {'coeff':>7} {'A/B' if self.form == 'ab' else 'cloze':>7} {'shift':>8} {'se':>7} {'bal':>7} {'KL':>8} "
             f"{'ppl':>8} {'mass':>6}"
         )
         lines = [
-            f"A/B sweep{'' if self.behaviour is None else ' ' + self.behaviour}: {self.n_items} "
+            f"{'A/B' if self.form == 'ab' else 'Cloze'} sweep{'' if self.behaviour is None else ' ' + self.behaviour}: {self.n_items} "
             f"held-out items, scale={self.scale}, operator={self.operator}, "
             f"positions={self.positions}, KL budget {self.kl_budget:g}",
             head,
@@ -204,6 +207,7 @@ def coeff_layer_sweep(
     kl_texts: Sequence[str] | None = None,
     progress: Callable[[float, str], None] | None = None,
     control: bool | ABControl = True,
+    form: str = "ab",
 ) -> SweepReport:
     """Sweep coefficients x layers: A/B effect on held-out items against KL / perplexity on neutral text.
 
@@ -227,6 +231,11 @@ def coeff_layer_sweep(
             raising from it stops the sweep).
         control: run :func:`steering.ab_control.ab_control` (64 short prompts) and keep its result in
             the report (True, default), skip it (False), or pass a result already measured on ``lm``.
+            Only for ``form="ab"``.
+        form: ``"ab"`` (default): CAA's A/B letters (:func:`steering.evaluate.ab_eval_specs`, vector
+            :func:`steering.caa.caa_direction`); ``"cloze"``: the answers' texts
+            (:func:`steering.cloze.cloze_eval_specs`, vector :func:`steering.cloze.cloze_direction`),
+            for models that do not read A/B options.
     """
     if not layers:
         raise ValueError("layers is empty: pass at least one block index")
@@ -243,12 +252,15 @@ def coeff_layer_sweep(
         raise ValueError(f"scale must be one of {SCALES}; got {scale!r}")
     if operator not in OPERATORS:
         raise ValueError(f"operator must be one of {sorted(OPERATORS)}; got {operator!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
     layer_list = sorted(set(layers))
     coeff_list = sorted({float(c) for c in coeffs} | {0.0})
     if direction is None:
         if not isinstance(behaviour, str):
             raise ValueError("direction is required when behaviour is a list of items")
-        direction = caa_direction(lm, behaviour, layers=layer_list, n_pairs=n_pairs, seed=seed)
+        build = caa_direction if form == "ab" else cloze_direction
+        direction = build(lm, behaviour, layers=layer_list, n_pairs=n_pairs, seed=seed)
     sites = {layer: f"blocks.{layer}.hook_resid_post" for layer in layer_list}
     missing = [s for s in sites.values() if s not in direction.vectors]
     if missing:
@@ -275,7 +287,8 @@ def coeff_layer_sweep(
         if progress is not None:
             progress(fraction, what)
 
-    results = ab_eval_specs(
+    evaluate = ab_eval_specs if form == "ab" else cloze_eval_specs
+    results = evaluate(
         lm,
         behaviour,
         [None, *(spec(layer, c) for layer, c in settings)],
@@ -286,7 +299,7 @@ def coeff_layer_sweep(
     )
     base = results[0]
     checked: ABControl | None = control if isinstance(control, ABControl) else None
-    if control is True:
+    if control is True and form == "ab":
         checked = ab_control(
             lm,
             batch_size=batch_size,
@@ -334,6 +347,7 @@ def coeff_layer_sweep(
         direction=direction,
         items_fingerprint=base.items_fingerprint,
         control=checked,
+        form=form,
     )
 
 

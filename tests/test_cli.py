@@ -154,3 +154,28 @@ def test_sweep_recommends_and_saves(tmp_path, capsys):
     else:  # tiny data may give no recommendation: a clear message, nothing written
         assert rc == 2 and "recommends no setting" in captured.err
         assert not (tmp_path / "syc.json").exists()
+
+
+@pytest.mark.integration
+def test_sweep_in_cloze_form(tmp_path, capsys):
+    rc = main(
+        [
+            "sweep",
+            "--behaviour",
+            "myopic-reward",
+            "--form",
+            "cloze",
+            "--layers",
+            "6",
+            "--coeffs=-0.2,0.2",
+            "--items",
+            "6",
+            "--pairs",
+            "16",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Cloze sweep myopic-reward: 6 held-out items" in out
+    assert "A/B control" not in out  # the letter control belongs to the A/B form
+    assert "layer   coeff   cloze" in out

@@ -133,3 +133,22 @@ def test_cloze_eval_reports_progress(tiny_lm, items):
     )
     # 12 answers in batches of 4 = 3 batches, 2 specs each
     assert seen == [(i, 6) for i in range(1, 7)]
+
+
+def test_sweep_in_cloze_form_scores_answer_texts(tiny_lm, items):
+    from repe.directions import Direction
+    from steering.sweep import coeff_layer_sweep
+
+    d_vec = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(4))
+    d = Direction({SITE: d_vec / d_vec.norm()}, tiny_lm.identity)
+    texts = ["The kettle boiled.", "Rain fell on the roof all night."]
+    report = coeff_layer_sweep(
+        tiny_lm, items, [2], [2.0], direction=d, scale="unit", kl_texts=texts, form="cloze"
+    )
+    assert report.form == "cloze" and report.control is None
+    assert report.to_dict()["form"] == "cloze" and report.table().startswith("Cloze sweep")
+    direct = cloze_eval_specs(tiny_lm, items, [None, SteeringSpec(d, 2.0, scale="unit")])
+    rows = report.at(2)
+    assert [r.score for r in rows] == pytest.approx([direct[0].score, direct[1].score])
+    with pytest.raises(ValueError, match="form must be one of"):
+        coeff_layer_sweep(tiny_lm, items, [2], [1.0], direction=d, form="letters")
