@@ -9,10 +9,16 @@ score and its paired standard error over items (stdev of per-item differences / 
 whether the shift is more than two standard errors from zero in the intended direction. The report
 opens with the A/B control (``steering.ab_control``): whether the model reads A/B options at all.
 
-The report (markdown) goes to ``--out`` (default ``studies/reports/caa_effect_size.md``) and to stdout.
+``--form cloze`` scores the answers' texts instead of their letters (``steering.cloze``; the vector is
+then built from answer-text activations): for models that do not read A/B options, as the A/B control
+at the top of the report says of the embedded model. The KL column is the cost on 16 neutral texts.
+
+The report (markdown) goes to ``--out`` (default ``studies/reports/caa_effect_size.md``, or
+``caa_effect_size_cloze.md`` for the cloze form) and to stdout.
 
     .venv/bin/python studies/caa_effect_size.py                       # ~10 min on 2 cores
     .venv/bin/python studies/caa_effect_size.py --pairs 0             # every training pair
+    .venv/bin/python studies/caa_effect_size.py --form cloze --behaviours refusal sycophancy
     .venv/bin/python studies/caa_effect_size.py --behaviours refusal --items 16 --layers 9
 """
 
@@ -28,11 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from repe.datasets import load_neutral  # noqa: E402
 from repe.models import load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
 from steering.ab_control import ab_control  # noqa: E402
 from steering.caa import caa_direction, caa_split  # noqa: E402
-from steering.evaluate import ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
+from steering.cloze import cloze_direction, cloze_eval_specs  # noqa: E402
+from steering.evaluate import NeutralCosts, ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
 
 BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 
@@ -40,22 +48,33 @@ BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 def study(args: argparse.Namespace) -> str:
     lm = load_model()
     control = ab_control(lm)
+    cloze = args.form == "cloze"
+    scored = (
+        "the answers' texts (cloze form, `steering.cloze`: stem as the question, each option's "
+        "text as the answer; vector from answer-text activations)"
+        if cloze
+        else "the answer letters (CAA's A/B; vector at the answer letter, letter-balanced)"
+    )
     lines = [
-        "# CAA effect size on the embedded model",
+        f"# CAA effect size on the embedded model ({'cloze' if cloze else 'A/B'} form)",
         "",
         f"{control}.",
         "",
-        *([f"**Warning**: {control.warning()}.", ""] if control.warning() else []),
-        f"Pairs per vector: {args.pairs or 'all training pairs'}; layers {args.layers}; "
-        f"coefficients {args.coeffs} (fractions of the residual norm, every token steered); "
-        f"held-out items: up to {args.items}, letter-balanced, seed {args.seed}.",
+        *([f"**Warning**: {control.warning()}.", ""] if control.warning() and not cloze else []),
+        f"Scored on {scored}. Pairs per vector: {args.pairs or 'all training pairs'}; layers "
+        f"{args.layers}; coefficients {args.coeffs} (fractions of the residual norm, every token "
+        f"steered); held-out items: up to {args.items}, letter-balanced, seed {args.seed}; KL on "
+        "16 neutral texts.",
         "",
-        "| behaviour | items | base | layer | coeff | shift | paired se | > 2 se, intended sign |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| behaviour | items | base | layer | coeff | shift | paired se | > 2 se, intended sign "
+        "| KL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    costs = NeutralCosts(lm, load_neutral()[:16])
     for behaviour in args.behaviours:
         t0 = time.perf_counter()
-        d = caa_direction(lm, behaviour, layers=args.layers, n_pairs=args.pairs or None)
+        build = cloze_direction if cloze else caa_direction
+        d = build(lm, behaviour, layers=args.layers, n_pairs=args.pairs or None)
         held_out = caa_split(behaviour, seed=0)[1]
         items = stratified_sample(held_out, min(args.items, len(held_out)), seed=args.seed)
         settings = [(layer, c) for layer in args.layers for c in args.coeffs]
@@ -63,14 +82,15 @@ def study(args: argparse.Namespace) -> str:
             SteeringSpec(d, coeff=c, sites=[f"blocks.{layer}.hook_resid_post"], positions="all")
             for layer, c in settings
         ]
-        results = ab_eval_specs(lm, items, specs, batch_size=16)
+        results = (cloze_eval_specs if cloze else ab_eval_specs)(lm, items, specs, batch_size=16)
         base = results[0]
-        for (layer, c), res in zip(settings, results[1:], strict=True):
+        for (layer, c), res, spec in zip(settings, results[1:], specs[1:], strict=True):
             shift, se = paired_shift(base.item_scores, res.item_scores)
             clear = shift * (1 if c > 0 else -1) > 2 * se
+            kl = costs.kl(spec) if spec is not None else 0.0
             lines.append(
                 f"| {behaviour} | {len(items)} | {base.score:.4f} | {layer} | {c:+g} | "
-                f"{shift:+.4f} | {se:.4f} | {'yes' if clear else 'no'} |"
+                f"{shift:+.4f} | {se:.4f} | {'yes' if clear else 'no'} | {kl:.4f} |"
             )
         print(f"# {behaviour}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return "\n".join(lines) + "\n"
@@ -84,11 +104,17 @@ def main() -> None:
     ap.add_argument("--coeffs", type=float, nargs="+", default=[-0.1, 0.1])
     ap.add_argument("--items", type=int, default=96, help="held-out items (capped at the split)")
     ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument(
+        "--form", choices=["ab", "cloze"], default="ab", help="score answer letters or texts"
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "studies" / "reports" / "caa_effect_size.md")
+    ap.add_argument("--out", type=Path, default=None, help="default: studies/reports/<form>.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     report = study(args)
+    if args.out is None:
+        name = "caa_effect_size" + ("_cloze" if args.form == "cloze" else "")
+        args.out = ROOT / "studies" / "reports" / f"{name}.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
