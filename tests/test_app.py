@@ -153,6 +153,14 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
     assert any("paired standard error over 4 items" in c.value for c in at.caption)
     # the embedded model picks A/B letters without reading the options: the page says what that means
     assert any("does not read A/B options" in w.value for w in at.warning)
+    # scored on the answers' texts instead (cloze form): its own labels, no letter warning
+    at.radio(key="eval_form").set_value("answer texts (cloze)")
+    next(b for b in at.button if b.label == "Measure").click().run()
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert {"Cloze matching (base)", "Cloze matching (steered)"} <= set(metrics)
+    assert any(c.value.startswith("Cloze shift") for c in at.caption)
+    assert not any("does not read A/B options" in w.value for w in at.warning)
     assert at.session_state[STATE_KEY].steered_text == st1.steered_text, "no regeneration"
 
 

@@ -20,6 +20,7 @@ from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
+from steering.cloze import cloze_eval_specs
 from steering.evaluate import ab_eval_specs, kl_from_base, paired_shift
 from steering.generate import GenerationConfig, generate_stream
 from steering.spec import SCALES
@@ -27,6 +28,32 @@ from steering.sweep import SweepReport, SweepRow, coeff_layer_sweep, sweep_figur
 
 COEFF_RANGE = {"relative": (-2.0, 2.0, 0.25, 0.05)}
 OTHER_COEFF_RANGE = (-40.0, 40.0, 8.0, 0.5)
+# how a CAA question is scored: its answer letter (CAA's A/B) or its answers' texts (steering.cloze)
+FORMS = {"A/B letters": "ab", "answer texts (cloze)": "cloze"}
+
+
+def form_choice(key: str) -> str:
+    """A radio for the scoring form; returns ``"ab"`` or ``"cloze"``."""
+    label = st.radio(
+        "Score",
+        list(FORMS),
+        key=key,
+        horizontal=True,
+        help="A/B letters: CAA's evaluation, p(matching letter). Answer texts (cloze): the stem as "
+        "the question and each option's text as the answer, for models that do not read A/B "
+        "options (the page warns when the model is one).",
+    )
+    return FORMS[str(label)]
+
+
+def control_warning(model_path: str) -> None:
+    """Warn, in A/B form, when the model does not read A/B options (steering.ab_control)."""
+    warning = ab_control_result(model_path).warning()
+    if warning:
+        st.warning(
+            f"A/B control: {warning[0].upper()}{warning[1:]}. Score the answer texts (cloze) "
+            "instead."
+        )
 
 
 def available_directions(state: AppState) -> dict[str, Direction]:
@@ -145,12 +172,13 @@ def behaviours() -> list[str]:
 
 def evaluation_ui(lm: LoadedModel, spec: SteeringSpec, model_path: str) -> None:
     """CAA A/B shift and KL cost of the current setting."""
-    with st.expander("A/B shift and KL cost of this setting"):
+    with st.expander("Behaviour shift (CAA questions) and KL cost of this setting"):
         names = behaviours()
         if not names:
             st.info("No CAA behaviours are shipped.")
             return
         behaviour = st.selectbox("CAA behaviour", names, key="eval_behaviour")
+        form = form_choice("eval_form")
         n_items = st.slider("A/B items", 4, 100, 16, key="eval_items")
         n_texts = st.slider(
             "Neutral texts for the KL", 2, len(load_neutral()), 16, key="eval_texts"
@@ -159,7 +187,8 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec, model_path: str) -> None:
             cancel_button("measurement", "measure")
             with shown_errors("The evaluation"):
                 report = progress_bar("A/B answers…")
-                base, steered = ab_eval_specs(
+                evaluate = ab_eval_specs if form == "ab" else cloze_eval_specs
+                base, steered = evaluate(
                     lm,
                     behaviour,
                     [None, spec],
@@ -170,28 +199,28 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec, model_path: str) -> None:
                 kl = kl_from_base(lm, spec, load_neutral()[:n_texts])
                 report(1.0, "Done")
                 c1, c2, c3 = st.columns(3)
-                c1.metric("A/B matching (base)", f"{base.score:.3f}")
+                what = "A/B" if form == "ab" else "Cloze"
+                c1.metric(f"{what} matching (base)", f"{base.score:.3f}")
                 c2.metric(
-                    "A/B matching (steered)",
+                    f"{what} matching (steered)",
                     f"{steered.score:.3f}",
                     f"{steered.score - base.score:+.3f}",
                 )
                 c3.metric("KL from base (nats/token)", f"{kl:.4f}")
-                st.caption(shift_caption(base.item_scores, steered.item_scores))
-                warning = ab_control_result(model_path).warning()
-                if warning:
-                    st.warning(f"A/B control: {warning[0].upper()}{warning[1:]}.")
+                st.caption(shift_caption(base.item_scores, steered.item_scores, what))
+                if form == "ab":
+                    control_warning(model_path)
 
 
-def shift_caption(base: list[float], steered: list[float]) -> str:
+def shift_caption(base: list[float], steered: list[float], what: str = "A/B") -> str:
     """The A/B shift with its paired standard error over items, and whether it stands out of the
     item-sampling noise (on small models CAA shifts are often smaller than that noise)."""
     shift, se = paired_shift(base, steered)
     if len(base) < 2:
-        return f"A/B shift {shift:+.4f} (one item: no standard error)"
+        return f"{what} shift {shift:+.4f} (one item: no standard error)"
     verdict = "beyond" if abs(shift) > 2 * se else "within"
     return (
-        f"A/B shift {shift:+.4f} ± {se:.4f} (paired standard error over {len(base)} items): "
+        f"{what} shift {shift:+.4f} ± {se:.4f} (paired standard error over {len(base)} items): "
         f"{verdict} two standard errors of item-sampling noise"
     )
 
@@ -229,6 +258,7 @@ def coeff_sweep_ui(
             st.info("No CAA behaviours are shipped.")
             return
         behaviour = st.selectbox("CAA behaviour", names, key="sweep_behaviour")
+        form = form_choice("sweep_form")
         default = "-0.5, -0.25, 0.25, 0.5" if settings.scale == "relative" else "-8, -4, 4, 8"
         text = st.text_input(f"Coefficients ({settings.scale} units)", default, key="sweep_coeffs")
         c1, c2, c3 = st.columns(3)
@@ -250,15 +280,15 @@ def coeff_sweep_ui(
                     operator=settings.operator,
                     kl_texts=load_neutral()[:n_texts],
                     progress=progress_bar("Coefficient sweep…"),
-                    control=ab_control_result(state.model_path),
+                    control=ab_control_result(state.model_path) if form == "ab" else False,
+                    form=form,
                 )
         report: SweepReport | None = state.coeff_sweep
         if report is None:
             return
         st.plotly_chart(sweep_figure(report))
-        warning = None if report.control is None else report.control.warning()
-        if warning:
-            st.warning(f"A/B control: {warning[0].upper()}{warning[1:]}.")
+        if report.form == "ab":
+            control_warning(state.model_path)
         rec = report.recommended
         if rec is None:
             st.info(
@@ -269,7 +299,8 @@ def coeff_sweep_ui(
             noise = "" if rec.beyond_noise else "; within two standard errors of zero"
             st.success(
                 f"Recommended: layer {rec.layer}, coefficient {rec.coeff:g} "
-                f"(A/B shift {rec.shift:+.3f} ± {rec.se:.3f}{noise}, KL {rec.kl:.4f})"
+                f"({'A/B' if report.form == 'ab' else 'cloze'} shift {rec.shift:+.3f} ± "
+                f"{rec.se:.3f}{noise}, KL {rec.kl:.4f})"
             )
             st.button(
                 "Use the recommended setting",
