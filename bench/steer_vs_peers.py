@@ -49,6 +49,13 @@ mean over behaviours; the RESULT is ours / the best peer's. The shifts are small
 points of probability), so the script also bootstraps the held-out items (paired: every library is
 measured on the same items) and prints a 90% interval of ours - the best peer.
 
+Cloze form (``--form cloze``): the embedded model does not read A/B options (``steering.ab_control``), so
+its A/B shifts are noise for every library. In cloze form the training pairs are the question's stem
+with each option's *text* as the assistant's answer (``steering.cloze.cloze_pairs``); the peers read
+the last token of those texts, ours is ``steering.cloze.cloze_direction`` (mean over the answer's
+tokens), and the effect is ``steering.cloze.cloze_eval_specs`` (the matching answer text's share of
+likelihood) on the held-out items. RESULT ``steer_cloze_shift_per_kl_vs_best_peer``.
+
 Behaviours: ``refusal`` and ``myopic-reward`` by default (prompts ~90 tokens; sycophancy's are ~190,
 twice the cost on 2 shared cores; ``--behaviours sycophancy refusal`` runs it). The embedded model is
 small, and its A/B answers move by a few points at most: the numbers compare vectors, not the model.
@@ -56,6 +63,7 @@ small, and its A/B answers move by a few points at most: the numbers compare vec
     bash bench/setup_peers.sh                               # once
     .venv-peers/bin/python bench/steer_vs_peers.py          # full run (< 10 minutes)
     .venv-peers/bin/python bench/steer_vs_peers.py --quick  # smoke test
+    .venv-peers/bin/python bench/steer_vs_peers.py --form cloze   # answer texts (< 10 minutes)
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ from repe.datasets import ContrastDataset  # noqa: E402
 from repe.directions import Direction  # noqa: E402
 from repe.models import LoadedModel  # noqa: E402
 from steering.caa import answer_positions, caa_direction, caa_split  # noqa: E402
+from steering.cloze import cloze_direction, cloze_eval_specs, cloze_pairs, cloze_split  # noqa: E402
 from steering.evaluate import NeutralCosts, ab_eval_specs  # noqa: E402
 from steering.hooks import steer  # noqa: E402
 from steering.spec import SteeringSpec  # noqa: E402
@@ -138,10 +147,16 @@ class Point:
 
 # ---- training (each library's own call, on the same pairs) --------------------------------------
 def train_all(
-    lm: LoadedModel, train: ContrastDataset, layer: int
+    lm: LoadedModel,
+    train: ContrastDataset,
+    layer: int,
+    form: str = "ab",
+    items: list[Any] | None = None,
 ) -> tuple[dict[str, Vector], dict[str, Any]]:
     """Each library's vector (as a repe Direction), and the peers' native objects plus ours without
-    letter balancing (for the checks)."""
+    letter balancing (for the checks). In cloze form the pairs end in the answers' texts and ours is
+    :func:`steering.cloze.cloze_direction` (mean over the answer's tokens); the peers read the last
+    token as always."""
     from repeng import ControlVector, DatasetEntry
     from steering_vectors import train_steering_vector
 
@@ -150,14 +165,17 @@ def train_all(
     pos, neg = as_texts(tok, pos_sides), as_texts(tok, neg_sides)
     check_same_tokens(tok, pos_sides, pos)
     check_same_tokens(tok, neg_sides, neg)
-    for sides in (pos_sides, neg_sides):  # the letter is the last token: the peers read index -1
+    for sides in (pos_sides, neg_sides) if form == "ab" else ():  # the peers read index -1
         for p in answer_positions(lm, sides):
             if p.index != p.n_tokens - 1:
                 raise AssertionError("the answer letter is not the last token of a training text")
     s = site(layer)
 
     t0 = time.perf_counter()
-    ours = caa_direction(lm, train, layers=[layer], batch_size=BATCH)
+    if form == "ab":
+        ours = caa_direction(lm, train, layers=[layer], batch_size=BATCH)
+    else:
+        ours = cloze_direction(lm, items or [], layers=[layer], batch_size=BATCH)
     t_ours = time.perf_counter() - t0
     resid = ours.stats[s]["resid_norm"]
 
@@ -180,7 +198,11 @@ def train_all(
     )
     t_sv = time.perf_counter() - t0
 
-    plain = caa_direction(lm, train, layers=[layer], batch_size=BATCH, balance_letters=False)
+    plain = (
+        caa_direction(lm, train, layers=[layer], batch_size=BATCH, balance_letters=False)
+        if form == "ab"
+        else None
+    )
     rep_dir = direction_from_vectors(lm, {layer: cv.directions[layer]}, "repeng", "pca_diff")
     sv_dir = direction_from_vectors(lm, {layer: sv.layer_activations[layer]}, "s-v", "mean")
     sv_norm = float(sv_dir[s].norm())
@@ -269,7 +291,8 @@ def measure(
     specs: list[SteeringSpec | None] = [None] + [
         vectors[lib].spec(points[lib][sign].coeff, args.positions) for lib, sign in order
     ]
-    results = ab_eval_specs(lm, behaviour, specs, n_items=args.items, batch_size=BATCH)
+    evaluate = ab_eval_specs if args.form == "ab" else cloze_eval_specs
+    results = evaluate(lm, behaviour, specs, n_items=args.items, batch_size=BATCH)
     base = results[0].score
     for (lib, sign), r in zip(order, results[1:], strict=True):
         p = points[lib][sign]
@@ -321,6 +344,12 @@ def main() -> None:
     ap.add_argument("--kl-budget", type=float, default=0.1, help="KL budget B (nats/token)")
     ap.add_argument("--positions", default="all", help="steered positions, the same for all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 shared cores)")
+    ap.add_argument(
+        "--form",
+        choices=["ab", "cloze"],
+        default="ab",
+        help="score answer letters (CAA's A/B) or answer texts (cloze; pairs end in the texts)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.behaviours, args.pairs, args.items = args.behaviours[:1], 12, 16
@@ -343,12 +372,17 @@ def main() -> None:
         f"{torch.get_num_threads()}",
         flush=True,
     )
+    what = "A/B" if args.form == "ab" else "cloze"
     scores: dict[str, list[float]] = {lib: [] for lib in LIBS}
     measured: list[dict[str, dict[int, Point]]] = []
     for behaviour in args.behaviours:
         t_b = time.perf_counter()
-        train, _test = caa_split(behaviour, seed=0)
-        train = train.sample(args.pairs, seed=0)
+        if args.form == "ab":
+            train, _test = caa_split(behaviour, seed=0)
+            train = train.sample(args.pairs, seed=0)
+        else:
+            items = random.Random(0).sample(cloze_split(behaviour, seed=0)[0], args.pairs)
+            train = cloze_pairs(items, f"caa/{behaviour}[cloze train]")
         tok = lm.tokenizer
         worst = check_site_alignment(
             lm,
@@ -356,28 +390,36 @@ def main() -> None:
             as_texts(tok, train.negatives()[:4]),
             [args.layer],
         )
-        vectors, native = train_all(lm, train, args.layer)
+        vectors, native = train_all(
+            lm, train, args.layer, args.form, items if args.form == "cloze" else None
+        )
         conv = check_conversion(lm, vectors, native, list(train.positives()[:4]), args.layer)
         s = site(args.layer)
         unit = {lib: vectors[lib].direction[s].float() for lib in LIBS}
-        unit["plain"] = native["ours unbalanced"][s].float()
+        if native["ours unbalanced"] is not None:
+            unit["plain"] = native["ours unbalanced"][s].float()
         unit = {k: v / v.norm() for k, v in unit.items()}
         letters = [p.label for p in train.pairs]
         print(
-            f"\n## {behaviour}: {len(train)} training pairs (matching letter A in "
-            f"{sum(x == 'A' for x in letters)}); site alignment (reading) max rel diff {worst:.1e}; "
+            f"\n## {behaviour} ({args.form} form): {len(train)} training pairs"
+            + (f" (matching letter A in {letters.count('A')})" if args.form == "ab" else "")
+            + f"; site alignment (reading) max rel diff {worst:.1e}; "
             f"peers' own application vs converted Direction (writing): logits rel diff {conv:.1e}"
+        )
+        plain = (
+            f"cos(ours balance_letters=False, s-v) {float(unit['plain'] @ unit[SV]):+.6f}; "
+            if "plain" in unit
+            else ""
         )
         print(
             f"# cos(ours, repeng) {float(unit[OURS] @ unit[REPENG]):+.4f}, cos(ours, s-v) "
-            f"{float(unit[OURS] @ unit[SV]):+.4f}, cos(ours balance_letters=False, s-v) "
-            f"{float(unit['plain'] @ unit[SV]):+.6f}; train seconds: "
+            f"{float(unit[OURS] @ unit[SV]):+.4f}, {plain}train seconds: "
             + ", ".join(f"{lib} {vectors[lib].fit_s:.1f}" for lib in LIBS),
             flush=True,
         )
         base, points = measure(lm, behaviour, vectors, costs, args)
         measured.append(points)
-        print(f"# unsteered A/B matching probability {base:.4f} ({args.items} held-out items)")
+        print(f"# unsteered {what} matching probability {base:.4f} ({args.items} held-out items)")
         print(
             f"{'library':<16} {'coefficient unit':<23} {'coeff':>9} {'KL':>7} {'(evals)':>7} "
             f"{'shift':>8} {'at B':>8}"
@@ -392,17 +434,17 @@ def main() -> None:
         for lib in LIBS:
             sc = score(points[lib], args.kl_budget)
             scores[lib].append(sc)
-            print(f"INFO ab_shift_per_kl[{behaviour}][{lib}] {sc:+.4f}")
+            print(f"INFO {args.form}_shift_per_kl[{behaviour}][{lib}] {sc:+.4f}")
         print(f"# {behaviour}: {time.perf_counter() - t_b:.0f}s", flush=True)
 
     means = {lib: sum(v) / len(v) for lib, v in scores.items()}
-    print(f"\n## A/B shift per nat of KL at KL = {args.kl_budget}, mean over behaviours")
+    print(f"\n## {what} shift per nat of KL at KL = {args.kl_budget}, mean over behaviours")
     for lib in LIBS:
-        print(f"INFO ab_shift_per_kl[{lib}] {means[lib]:+.4f}")
+        print(f"INFO {args.form}_shift_per_kl[{lib}] {means[lib]:+.4f}")
     best = max(PEERS, key=lambda p: means[p])
     lo, hi, ahead = bootstrap(measured, args.kl_budget)
     print(
-        f"INFO ab_shift_per_kl_margin_vs_best_peer {means[OURS] - means[best]:+.4f} ({best}; "
+        f"INFO {args.form}_shift_per_kl_margin_vs_best_peer {means[OURS] - means[best]:+.4f} ({best}; "
         f"items bootstrap: 90% interval {lo:+.4f} to {hi:+.4f}, ours ahead in {ahead:.0%})"
     )
     print(f"# best peer: {best}; total runtime {time.perf_counter() - t_start:.0f}s")
@@ -414,7 +456,8 @@ def main() -> None:
         ratio = math.inf if means[OURS] > 0 else -math.inf
     else:
         ratio = means[OURS] / means[best]
-    result("steer_ab_shift_per_kl_vs_best_peer", ratio, ">=", 1.0, ".3f")
+    name = "ab" if args.form == "ab" else "cloze"
+    result(f"steer_{name}_shift_per_kl_vs_best_peer", ratio, ">=", 1.0, ".3f")
 
 
 if __name__ == "__main__":
