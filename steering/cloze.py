@@ -37,7 +37,7 @@ from repe.directions import Direction
 from repe.models import LoadedModel
 from steering.caa import _layers, caa_split
 from steering.calibrate import calibrate
-from steering.evaluate import ABResult, _begin, answer_letter, items_fingerprint
+from steering.evaluate import ABResult, _begin, answer_letter, eval_items, items_fingerprint
 from steering.hooks import steer
 from steering.spec import SteeringSpec
 
@@ -151,21 +151,16 @@ def cloze_direction(
     if n_pairs is not None and n_pairs < len(dataset):
         dataset = dataset.sample(n_pairs, seed=seed)
     sites = [f"blocks.{layer}.hook_resid_post" for layer in layer_list]
-    pos = capture(
-        lm,
-        cast(Inputs, [p.positive for p in dataset.pairs]),
-        sites,
-        positions="assistant_mean",
-        batch_size=batch_size,
-        progress=False,
-    )
-    neg = capture(
-        lm,
-        cast(Inputs, [p.negative for p in dataset.pairs]),
-        sites,
-        positions="assistant_mean",
-        batch_size=batch_size,
-        progress=False,
+    pos, neg = (
+        capture(
+            lm,
+            cast(Inputs, [getattr(p, side) for p in dataset.pairs]),
+            sites,
+            positions="assistant_mean",
+            batch_size=batch_size,
+            progress=False,
+        )
+        for side in ("positive", "negative")
     )
     vectors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict[str, float]] = {}
@@ -239,13 +234,7 @@ def cloze_eval_specs(
     split). Per item: ``p_m / (p_m + p_o)`` with ``p`` the per-token geometric-mean probability of the
     answer text; ``letter_mass`` holds the mean ``p_m + p_o`` (how likely the answers are at all).
     """
-    from steering.evaluate import _held_out_items
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
-    if not specs:
-        raise ValueError("specs is empty: pass at least one SteeringSpec or None")
-    behaviour, items = _held_out_items(items_or_behaviour, n_items, seed, test_frac)
+    behaviour, items = eval_items(items_or_behaviour, specs, n_items, batch_size, seed, test_frac)
     cloze = cloze_items(items)
     convs = [messages(c.stem, assistant=a) for c in cloze for a in (c.matching, c.other)]
     encoded: list[Encoded] = encode(lm.tokenizer, cast(Inputs, convs))

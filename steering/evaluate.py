@@ -146,6 +146,22 @@ def _held_out_items(
     return behaviour, items
 
 
+def eval_items(
+    items_or_behaviour: str | Sequence[CAAItem],
+    specs: Sequence[SteeringSpec | None],
+    n_items: int | None,
+    batch_size: int,
+    seed: int,
+    test_frac: float,
+) -> tuple[str | None, list[CAAItem]]:
+    """Check an evaluation's arguments; the behaviour name (or None) and the items to score."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
+    if not specs:
+        raise ValueError("specs is empty: pass at least one SteeringSpec or None")
+    return _held_out_items(items_or_behaviour, n_items, seed, test_frac)
+
+
 def paired_shift(base: Sequence[float], steered: Sequence[float]) -> tuple[float, float]:
     """Mean per-item change of the matching probability from ``base`` to ``steered`` item scores
     (``ABResult.item_scores`` of the same items) and its paired standard error (NaN for one item)."""
@@ -292,11 +308,7 @@ def ab_eval_specs(
     ``attention_mask``. Specs that leave the prompt unsteered share one pass over the prompts (KV cache)
     and each adds only a forward over the opened answer.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
-    if not specs:
-        raise ValueError("specs is empty: pass at least one SteeringSpec or None")
-    behaviour, items = _held_out_items(items_or_behaviour, n_items, seed, test_frac)
+    behaviour, items = eval_items(items_or_behaviour, specs, n_items, batch_size, seed, test_frac)
     pairs = [
         (
             answer_letter(it.answer_matching_behavior, f"item {i}: answer_matching_behavior"),

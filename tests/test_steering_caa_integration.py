@@ -15,14 +15,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from repe.datasets import CAAItem, load_neutral
 from steering.caa import caa_direction, caa_split
 from steering.evaluate import stratified_sample
 from steering.sweep import coeff_layer_sweep
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 SWEPT = "myopic-reward"
 LAYERS = (6, 9, 12)
@@ -31,15 +30,6 @@ N_SELECT = 8  # held-out items for the sweep (4 A-matching, 4 B-matching)
 POSITIONS = "all"
 BATCH = 16
 KL_BUDGET = 0.1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared, busy machine one thread avoids OpenMP threads spinning against other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from repe.datasets import load_neutral
 from steering import SteeringSpec
@@ -27,7 +26,7 @@ from steering.cloze import cloze_direction, cloze_eval_specs, cloze_split
 from steering.evaluate import NeutralCosts, paired_shift, stratified_sample
 from steering.sweep import coeff_layer_sweep
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 BEHAVIOURS = ("refusal", "coordinate-other-ais", "myopic-reward")
 LAYERS = (6, 12)
@@ -36,15 +35,6 @@ N_SELECT = 16  # held-out items for the sweep
 N_TEST = 48  # other held-out items for the monotonicity check
 COEFFS = (-0.1, -0.05, 0.0, 0.05, 0.1)  # relative: fractions of the residual norm at the site
 KL_BUDGET = 0.1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared, busy machine one thread avoids OpenMP threads spinning against other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("behaviour", BEHAVIOURS)

@@ -42,21 +42,15 @@ SITE = "blocks.2.hook_resid_post"
 TEXTS = ["The train to the coast leaves at nine.", "Rivers carry sand", "A cup of tea."]
 
 
+# small forwards on a shared, busy machine run many times faster on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def rand_direction(lm, sites=(SITE,), seed=0, name="r") -> Direction:
     g = torch.Generator().manual_seed(seed)
     vecs = {s: torch.randn(lm.d_model, generator=g) for s in sites}
     stats = {s: {"resid_norm": 10.0} for s in sites}
     return Direction(vecs, lm.identity, name=name, stats=stats).normalized()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small forwards on a shared, busy machine run many times faster on one thread (no OpenMP
-    spinning against other processes); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
