@@ -52,3 +52,20 @@ def test_caa_effect_size_study_in_cloze_form() -> None:
     rows = [line for line in report.splitlines() if line.startswith("| refusal |")]
     shifts = [float(r.strip("|").split("|")[5]) for r in rows]
     assert len(rows) == 2 and shifts[0] < 0 < shifts[1]  # refusal moves both ways in cloze form
+
+
+@pytest.mark.integration
+def test_ab_formats_study_scores_like_the_library(embedded_lm) -> None:
+    """The study's own scoring of its first format (the A/B evaluation's prompt) equals
+    steering.ab_control on the same model."""
+    from repe.datasets import load_ab_control
+    from steering.ab_control import ab_control, summarise
+    from studies.ab_formats import FORMATS, score
+
+    items = load_ab_control()
+    name, (build, space) = next(iter(FORMATS.items()))
+    assert "the A/B evaluation" in name
+    mine = summarise(items, score(embedded_lm, items, build, space))
+    lib = ab_control(embedded_lm)
+    assert mine.score == pytest.approx(lib.score, abs=1e-4)
+    assert mine.se == pytest.approx(lib.se, abs=1e-4)
