@@ -16,6 +16,7 @@ from repe.errors import DataFormatError
 
 PACKAGE_DATA = Path(repe.__file__).resolve().parent / "data"
 FOLDERS = (
+    "ab_control",
     "anthropic_persona",
     "caa",
     "ethics",
