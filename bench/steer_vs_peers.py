@@ -109,7 +109,7 @@ from steering.hooks import steer  # noqa: E402
 from steering.spec import SteeringSpec  # noqa: E402
 
 BEHAVIOURS = ("refusal", "myopic-reward")
-OURS, REPENG, SV = "ours caa", "repeng pca_diff", "s-v mean"
+OURS, REPENG, SV = "ours", "repeng pca_diff", "s-v mean"
 LIBS = (OURS, REPENG, SV)
 PEERS = (REPENG, SV)
 BATCH = 16
@@ -363,16 +363,16 @@ def main() -> None:
             f"--layer must be in [0, {lm.n_layers - 2}]: the last block's HF hidden state has the "
             "final norm applied, so repeng would read a different site there"
         )
+    what = "A/B" if args.form == "ab" else "cloze"
     costs = NeutralCosts(lm)
     costs.base()
     print(
         f"# block {args.layer} ({site(args.layer)}), {args.pairs} training pairs and {args.items} "
-        f"held-out A/B items per behaviour, positions={args.positions!r}, KL on {costs.n_tokens} "
+        f"held-out {what} items per behaviour, positions={args.positions!r}, KL on {costs.n_tokens} "
         f"neutral tokens, KL budget {args.kl_budget} nats/token; torch threads "
         f"{torch.get_num_threads()}",
         flush=True,
     )
-    what = "A/B" if args.form == "ab" else "cloze"
     scores: dict[str, list[float]] = {lib: [] for lib in LIBS}
     measured: list[dict[str, dict[int, Point]]] = []
     for behaviour in args.behaviours:

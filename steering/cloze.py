@@ -29,7 +29,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from repe.batching import Encoded, Inputs, batches, encode
+from repe.batching import Encoded, Inputs, encode, make_batch
 from repe.capture import capture
 from repe.chat import messages
 from repe.datasets import CAAItem, ContrastDataset, ContrastPair, load_caa_items
@@ -249,7 +249,7 @@ def cloze_eval_specs(
     total, done = len(groups) * len(specs), 0
     for rows in groups:
         ex = [encoded[i] for i in rows]
-        b = next(iter(batches(ex, len(ex), pad, "left")))[1]
+        b = make_batch(ex, pad, "left")
         ids = b.input_ids.to(dev)
         starts = [e.assistant_start or 0 for e in ex]
         ends = [len(e.ids) for e in ex]

@@ -87,7 +87,7 @@ def study(args: argparse.Namespace) -> str:
         for (layer, c), res, spec in zip(settings, results[1:], specs[1:], strict=True):
             shift, se = paired_shift(base.item_scores, res.item_scores)
             clear = shift * (1 if c > 0 else -1) > 2 * se
-            kl = costs.kl(spec) if spec is not None else 0.0
+            kl = costs.kl(spec)
             lines.append(
                 f"| {behaviour} | {len(items)} | {base.score:.4f} | {layer} | {c:+g} | "
                 f"{shift:+.4f} | {se:.4f} | {'yes' if clear else 'no'} | {kl:.4f} |"
