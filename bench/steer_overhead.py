@@ -467,6 +467,7 @@ def profile_hooks(lm: LoadedModel, gen: Gen, step_ms: float, reps: int) -> None:
     """Time each piece a steered decode step adds, in isolation (microseconds per call)."""
     from transformers import DynamicCache
 
+    from repe.kvcache import cache_kwargs
     from steering import hooks as H
 
     batch = gen.batch
@@ -477,16 +478,14 @@ def profile_hooks(lm: LoadedModel, gen: Gen, step_ms: float, reps: int) -> None:
             input_ids=batch.input_ids.to(dev),
             attention_mask=batch.attention_mask.to(dev),
             position_ids=batch.position_ids.to(dev),
-            past_key_values=cache,
-            use_cache=True,
+            **cache_kwargs(lm.model, cache),
         )
     b, t = batch.input_ids.shape
     kwargs = {
         "input_ids": torch.ones((b, 1), dtype=torch.long),
         "attention_mask": torch.ones((b, t + 1), dtype=torch.long),
         "position_ids": batch.position_ids[:, -1:] + 1,
-        "past_key_values": cache,
-        "use_cache": True,
+        **cache_kwargs(lm.backbone, cache),
     }
     h = torch.randn(b, 1, lm.d_model)
 
@@ -502,7 +501,7 @@ def profile_hooks(lm: LoadedModel, gen: Gen, step_ms: float, reps: int) -> None:
         info = H._token_info((), kwargs)
         rows.append(("pre_backbone hook (whole)", us(lambda: pre(lm.backbone, (), kwargs)), 1))
         rows.append(("  _token_info", us(lambda: H._token_info((), kwargs)), 1))
-        rows.append(("  past_key_values.get_seq_length()", us(lambda: cache.get_seq_length()), 1))
+        rows.append(("  cache.get_seq_length()", us(lambda: cache.get_seq_length()), 1))
         rows.append(
             ("  position_mask (bool(real.all()))", us(lambda: H.position_mask(state, info)), 1)
         )

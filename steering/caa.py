@@ -30,6 +30,7 @@ from repe.datasets import CAAItem, ContrastDataset, load_caa, load_caa_items
 from repe.datasets.core import Side
 from repe.directions import Direction
 from repe.hooks import mark
+from repe.kvcache import cache_kwargs
 from repe.models import LoadedModel
 from repe.positions import Index
 from repe.sites import parse_site
@@ -245,8 +246,7 @@ def _capture_letter_pairs(
                         input_ids=ids,
                         attention_mask=mask,
                         position_ids=pos,
-                        past_key_values=cache,
-                        use_cache=True,
+                        **cache_kwargs(lm.backbone, cache),
                     )
                 recording[0] = True
                 for side_ids, out in zip((pos_ids, neg_ids), outs, strict=True):
@@ -258,8 +258,7 @@ def _capture_letter_pairs(
                             input_ids=last,
                             attention_mask=full_mask,
                             position_ids=pos[:, -1:] + 1,
-                            past_key_values=cache,
-                            use_cache=True,
+                            **cache_kwargs(lm.backbone, cache),
                         )
                     for s in sites:
                         out[s].append(got[s])

@@ -32,6 +32,7 @@ import torch
 from repe.batching import Encoded, TokenBatch, batches, encode, make_batch
 from repe.chat import messages
 from repe.datasets import CAAItem, load_neutral
+from repe.kvcache import cache_kwargs
 from repe.models import LoadedModel
 from steering.caa import caa_split, crop_cache
 from steering.hooks import steer
@@ -258,8 +259,7 @@ def _prompt_pass(
         input_ids=ids[:, :cut],
         attention_mask=mask[:, :cut],
         position_ids=pos[:, :cut],
-        past_key_values=cache,
-        use_cache=True,
+        **cache_kwargs(lm.backbone, cache),
     )
 
 
@@ -276,8 +276,7 @@ def _answer_pass(
         input_ids=ids[:, cut:],
         attention_mask=mask,
         position_ids=pos[:, cut:],
-        past_key_values=cache,
-        use_cache=True,
+        **cache_kwargs(lm.model, cache),
         logits_to_keep=1,
     ).logits[:, -1]
 

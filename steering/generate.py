@@ -12,6 +12,7 @@ import torch
 
 from repe.batching import Inputs, encode, make_batch
 from repe.chat import messages
+from repe.kvcache import cache_kwargs
 from repe.models import LoadedModel
 from steering.hooks import steer
 from steering.spec import SteeringSpec
@@ -39,12 +40,14 @@ class GenerationConfig:
 
 @dataclass
 class Step:
-    """One generation step: the new token of every row and the text generated so far."""
+    """One generation step: the new token of every row, the text generated so far, and the ``[B, V]``
+    next-token logits the token was picked from."""
 
     index: int
     token_ids: list[int]
     texts: list[str]
     finished: list[bool]
+    logits: torch.Tensor | None = None
 
 
 def as_chats(prompts: Prompts, chat: bool = True) -> Inputs:
@@ -110,8 +113,7 @@ def generate_stream(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
-                past_key_values=cache,
-                use_cache=True,
+                **cache_kwargs(lm.model, cache),
                 logits_to_keep=1,
             ).logits[:, -1]
             nxt = _pick(logits, cfg, gen)
@@ -122,7 +124,7 @@ def generate_stream(
                     if cfg.stop_at_eos and t == eos:
                         finished[b] = True
             texts = [lm.tokenizer.decode(o, skip_special_tokens=True) for o in out_ids]
-            yield Step(i, toks, texts, list(finished))
+            yield Step(i, toks, texts, list(finished), logits)
             if all(finished):
                 break
             step_ids = nxt.unsqueeze(-1)

@@ -24,6 +24,7 @@ import torch
 
 from repe.backends.hf import first_tensor, site_module
 from repe.hooks import mark
+from repe.kvcache import cache_length
 from repe.models import LoadedModel
 from repe.sites import Site, parse_site
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
@@ -98,8 +99,7 @@ def _token_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenInfo:
         real = torch.ones((b, t), dtype=torch.bool, device=dev)
     pos = kwargs.get("position_ids")
     if not isinstance(pos, torch.Tensor):
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None else 0
+        past_len = cache_length(kwargs)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             full = (mask.long().cumsum(-1) - 1).clamp(min=0)
             pos = full[:, -t:].to(dev)
@@ -181,9 +181,8 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
         if st is None:
             return
         info = _token_info(args, kwargs)
-        past = kwargs.get("past_key_values")
         b, t = info.real.shape
-        st.observe_call(b, t, int(past.get_seq_length()) if past is not None else 0)
+        st.observe_call(b, t, cache_length(kwargs))
         st.info = info
         if st.resolved.condition is not None and st.decisions is None:
             st.mask = None  # decided at the condition site, before any steered site runs

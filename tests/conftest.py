@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -34,3 +35,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class _OldCacheName(logging.Handler):
+    """Records transformers' warnings about the KV cache argument's old names (``past_key_values``,
+    renamed ``cache`` in transformers 5.24): the project must pass the name the model declares."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "past_key_values" in msg or "cache_params" in msg:
+            self.seen.append(f"{record.name}: {msg}")
+
+
+_OLD_CACHE_NAME = _OldCacheName()
+logging.getLogger("transformers").addHandler(_OLD_CACHE_NAME)
+
+
+@pytest.fixture(autouse=True)
+def no_old_cache_name_warning():
+    """Fails the test during which transformers first warns about an old cache argument name (it warns
+    once per process, so the test that triggers it is the one that fails)."""
+    before = len(_OLD_CACHE_NAME.seen)
+    yield
+    if len(_OLD_CACHE_NAME.seen) > before:
+        pytest.fail(f"transformers warned about an old cache argument: {_OLD_CACHE_NAME.seen[-1]}")

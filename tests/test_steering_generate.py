@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from repe.batching import Encoded, encode, make_batch
 from repe.directions import Direction
 from steering import SteeringSpec, steer
 from steering.calibrate import calibrate, residual_norms
-from steering.generate import GenerationConfig, compare, generate, generate_stream
+from steering.generate import GenerationConfig, as_chats, compare, generate, generate_stream
 
 PROMPTS = ["Tell me about the sea.", "Hi!", "What should I cook tonight with rice and beans?"]
 SITE = "blocks.2.hook_resid_post"
@@ -105,3 +108,95 @@ def test_residual_norms_skip_the_first_token(tiny_lm):
     assert norms[SITE] > 0 and norms["blocks.0.hook_resid_pre"] > 0
     d = direction(tiny_lm)
     assert d.stats[SITE]["resid_norm"] == pytest.approx(norms[SITE])
+
+
+def no_cache_reference(lm, prompts, generated, spec):
+    """Logits of prompt + generated tokens in one forward pass without a KV cache, steered (when
+    ``spec`` is given) from a sequence start declared with the real prompt lengths; ``[B, T, V]`` and
+    the padded row offsets."""
+    enc = encode(lm.tokenizer, as_chats(prompts))
+    full = make_batch(
+        [Encoded(e.ids + g, e.assistant_start) for e, g in zip(enc, generated, strict=True)],
+        lm.tokenizer.pad_token_id,
+        "left",
+    )
+    starts = [e.assistant_start for e in enc]
+    ctx = steer(lm, spec) if spec is not None else contextlib.nullcontext()
+    with ctx as state, torch.no_grad():
+        if state is not None:
+            state.begin_sequence(torch.tensor([len(e.ids) for e in enc]), torch.tensor(starts))
+        logits = lm.model(
+            input_ids=full.input_ids,
+            attention_mask=full.attention_mask,
+            position_ids=full.position_ids,
+            use_cache=False,
+        ).logits
+    return logits, full.offsets, [len(e.ids) for e in enc]
+
+
+@pytest.mark.parametrize("positions", ["generated", "assistant"])
+def test_cached_generation_steers_exactly_the_generated_tokens(tiny_lm, positions):
+    """Steering must see the KV cache under whatever name the installed transformers passes it: step 0
+    (the prompt pass) equals the unsteered logits; every later step equals a no-cache forward of the
+    same tokens steered from the first generated token on, and differs from the unsteered one."""
+    d = direction(tiny_lm)
+    spec = SteeringSpec(d, coeff=4.0, positions=positions)
+    cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    steps = list(generate_stream(tiny_lm, PROMPTS, spec, cfg))
+    base0 = next(generate_stream(tiny_lm, PROMPTS, None, cfg)).logits
+    torch.testing.assert_close(steps[0].logits, base0, atol=1e-5, rtol=1e-5)
+    generated = [[s.token_ids[b] for s in steps] for b in range(len(PROMPTS))]
+    steered, offsets, plens = no_cache_reference(tiny_lm, PROMPTS, generated, spec)
+    plain, _, _ = no_cache_reference(tiny_lm, PROMPTS, generated, None)
+    for i, s in enumerate(steps):
+        for b in range(len(PROMPTS)):
+            at = offsets[b] + plens[b] - 1 + i  # the position whose logits picked token i
+            torch.testing.assert_close(s.logits[b], steered[b, at], atol=1e-4, rtol=1e-4)
+            if i == 0:
+                torch.testing.assert_close(s.logits[b], plain[b, at], atol=1e-5, rtol=1e-5)
+            else:
+                assert (s.logits[b] - plain[b, at]).abs().max() > 1e-2, (i, b)
+
+
+def test_steering_sees_the_cache_when_called_with_ids_only(tiny_lm):
+    """A caller's own cached loop, the model given only input_ids and the cache (no mask, no position
+    ids): the steered positions come from the cache length, so the prompt is untouched and every
+    generated token is steered."""
+    from transformers import DynamicCache
+
+    from repe.kvcache import cache_kwargs
+
+    d = direction(tiny_lm)
+    spec = SteeringSpec(d, coeff=4.0, positions="generated")
+    enc = encode(tiny_lm.tokenizer, as_chats(PROMPTS[:1]))
+    ids = torch.tensor([enc[0].ids])
+    out, toks = [], []
+    with steer(tiny_lm, spec) as state, torch.no_grad():
+        state.begin_sequence(torch.tensor([ids.shape[1]]))
+        cache = DynamicCache()
+        step = ids
+        for _ in range(5):
+            logits = tiny_lm.model(input_ids=step, **cache_kwargs(tiny_lm.model, cache)).logits
+            out.append(logits[0, -1])
+            step = logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(int(step))
+    steered, offsets, plens = no_cache_reference(tiny_lm, PROMPTS[:1], [toks], spec)
+    plain, _, _ = no_cache_reference(tiny_lm, PROMPTS[:1], [toks], None)
+    for i, lg in enumerate(out):
+        at = plens[0] - 1 + i
+        torch.testing.assert_close(lg, steered[0, at], atol=1e-4, rtol=1e-4)
+        assert (i == 0) == bool(torch.allclose(lg, plain[0, at], atol=1e-5, rtol=1e-5)), i
+
+
+def test_cache_argument_name_follows_the_installed_transformers(tiny_lm):
+    import inspect
+
+    from repe.kvcache import cache_from_kwargs, cache_kwargs
+
+    for module in (tiny_lm.model, tiny_lm.backbone):
+        kw = cache_kwargs(module, "C")
+        (name,) = (k for k in kw if k != "use_cache")
+        assert name in inspect.signature(module.forward).parameters
+    assert cache_from_kwargs({"cache": "A"}) == "A"
+    assert cache_from_kwargs({"past_key_values": "B"}) == "B"
+    assert cache_from_kwargs({"past_key_values": None}) is None

@@ -1,0 +1,155 @@
+"""llama-cpp-python for this project: portable build flags, the wheel cache key, and a crash check.
+
+llama.cpp's default build (``GGML_NATIVE``) compiles for the build machine's own CPU. On a virtual machine
+whose CPU *advertises* AMX but does not let a process execute it, that build dies with "Illegal
+instruction" as soon as a batch reaches the AMX kernels. So the set-up builds for a portable baseline
+(x86-64-v3: AVX2, FMA, F16C, BMI2; no AVX-512, no AMX) and checks the installed build in a child process
+before any test runs.
+
+Used by ``scripts/setup.sh``:
+
+    python scripts/llama_cpp_build.py version        # the llama-cpp-python version the project builds
+    python scripts/llama_cpp_build.py flags          # the CMAKE_ARGS for this machine's architecture
+    python scripts/llama_cpp_build.py key            # cache key: version + hash of the flags
+    python scripts/llama_cpp_build.py check WHEEL    # load the embedded GGUF, run ~100 tokens + generate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+VERSION = "0.3.36"
+
+# Parts of llama-cpp-python / llama.cpp the project never uses (the multimodal library, tools, tests,
+# examples, the server): off, to cut the build time.
+_SKIP = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+]
+
+
+def _x86_64(v3: bool) -> list[str]:
+    """x86-64-v3 (AVX2, FMA, F16C, BMI2) and nothing above it, or SSE4.2 only (``v3=False``, for an
+    x86-64 CPU without the v3 extensions). Native detection off, so the build machine's CPU does not
+    matter; no AVX-512, no AMX."""
+    on = "ON" if v3 else "OFF"
+    return [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_CPU_ALL_VARIANTS=OFF",
+        "-DGGML_BACKEND_DL=OFF",
+        "-DGGML_SSE42=ON",
+        *(f"-DGGML_{f}={on}" for f in ("AVX", "AVX2", "BMI2", "FMA", "F16C")),
+        *(f"-DGGML_{f}=OFF" for f in ("AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI")),
+        *(f"-DGGML_{f}=OFF" for f in ("AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16")),
+    ]
+
+
+_V3_CPU_FLAGS = {"avx", "avx2", "fma", "f16c", "bmi2"}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags the CPU advertises (``/proc/cpuinfo``); empty where that file does not exist."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cmake_args(machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+    """The CMake arguments for a portable llama.cpp build on ``machine`` (``platform.machine()``)."""
+    machine = (machine or platform.machine()).lower()
+    if machine in {"x86_64", "amd64"}:
+        have = cpu_flags() if flags is None else flags
+        base = _x86_64(v3=not have or _V3_CPU_FLAGS <= have)
+    else:  # aarch64 and others: the compiler's default baseline for the architecture
+        base = ["-DGGML_NATIVE=OFF", "-DGGML_CPU_ALL_VARIANTS=OFF", "-DGGML_BACKEND_DL=OFF"]
+    return [*base, *_SKIP]
+
+
+def cache_key(args: Sequence[str] | None = None) -> str:
+    """``<version>-<hash of the build flags>``: a wheel built with other flags never matches."""
+    args = cmake_args() if args is None else list(args)
+    digest = hashlib.sha256(" ".join([VERSION, platform.machine(), *args]).encode()).hexdigest()
+    return f"{VERSION}-{digest[:12]}"
+
+
+# The child: load the embedded GGUF model, evaluate a prompt of about 100 tokens in one batch (the path
+# that reaches the matrix kernels; a few tokens one at a time do not), then generate a few tokens.
+_CHILD = r"""
+import llama_cpp
+from repe.models import embedded_gguf_path
+llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_batch=512, n_threads=2,
+                      verbose=False, seed=0)
+text = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+ids = llm.tokenize(text.encode())
+assert len(ids) >= 90, len(ids)
+llm.eval(ids)
+out = llm(text, max_tokens=4, temperature=0.0)
+assert out["choices"][0]["text"] is not None
+print(f"llama.cpp ok: {len(ids)}-token prompt evaluated, 4 tokens generated")
+"""
+
+
+def check(
+    wheel: str | Path | None,
+    args: Sequence[str] | None = None,
+    child: Sequence[str] | None = None,
+    timeout: float = 300.0,
+) -> int:
+    """Run the installed llama-cpp-python on a ~100-token prompt in a child process.
+
+    On a crash (an illegal instruction is exit code 132, or -4 as a signal), print one line naming the
+    wheel and its build flags, delete the cached ``wheel`` so the next set-up rebuilds, and return 1."""
+    args = cmake_args() if args is None else list(args)
+    argv = list(child) if child is not None else [sys.executable, "-c", _CHILD]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired:
+        rc, tail = -1, f"timed out after {timeout:.0f} s"
+    if rc == 0:
+        print(proc.stdout.strip())
+        return 0
+    what = "illegal instruction" if rc in (132, -4) else f"exit code {rc}"
+    name = Path(wheel).name if wheel else "llama-cpp-python"
+    print(
+        f"llama.cpp check failed ({what}{': ' + tail if tail and rc not in (132, -4) else ''}): "
+        f"wheel {name} built with CMAKE_ARGS='{' '.join(args)}' does not run on this CPU; "
+        "the cached wheel was removed",
+        file=sys.stderr,
+    )
+    if wheel:
+        Path(wheel).unlink(missing_ok=True)
+    return 1
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in {"version", "flags", "key", "check"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if argv[0] == "version":
+        print(VERSION)
+    elif argv[0] == "flags":
+        print(" ".join(cmake_args()))
+    elif argv[0] == "key":
+        print(cache_key())
+    else:
+        return check(argv[1] if len(argv) > 1 else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
