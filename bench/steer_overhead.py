@@ -503,16 +503,24 @@ def profile_hooks(lm: LoadedModel, gen: Gen, step_ms: float, reps: int) -> None:
         rows.append(("  _token_info", us(lambda: H._token_info((), kwargs)), 1))
         rows.append(("  cache.get_seq_length()", us(lambda: cache.get_seq_length()), 1))
         rows.append(
-            ("  position_mask (bool(real.all()))", us(lambda: H.position_mask(state, info)), 1)
+            (
+                "  position_mask (bool(real.all()))",
+                us(lambda: H.position_mask(state.resolved, None, info)),
+                1,
+            )
         )
         rows.append(("site hook (whole)", us(lambda: post(layer, (h,), h)), lm.n_layers))
         rows.append(
-            ("  _active_state (ContextVar + dict)", us(lambda: H._active_state(1)), lm.n_layers)
+            (
+                "  ContextVar.get + dict lookup",
+                us(lambda: (H._CALL.get() or {}).get(1)),
+                lm.n_layers,
+            )
         )
         rows.append(
             (
                 "  apply_operator",
-                us(lambda: H.apply_operator(h, state, site(ONE_LAYER))),
+                us(lambda: H.apply_operator(h, state.resolved, None, site(ONE_LAYER))),
                 lm.n_layers,
             )
         )

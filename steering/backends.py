@@ -27,7 +27,7 @@ from repe.batching import Inputs, TokenBatch, encode, make_batch
 from repe.errors import RepeError
 from repe.models import LoadedModel
 from repe.sites import Site, parse_site
-from steering.hooks import SteerState, TokenInfo, apply_operator, position_mask, steer
+from steering.hooks import SeqState, TokenInfo, apply_operator, position_mask, steer
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
 
 BackendName = Literal["hf", "transformer_lens", "nnsight"]
@@ -51,8 +51,8 @@ def token_mask(
     the ``hf`` hooks run (conditional gating aside), so every back-end selects the same tokens.
     """
     real = real_mask.bool()
-    state = SteerState(resolved, prompt_lengths=prompt_lengths)
-    mask = position_mask(state, TokenInfo(pos=pos.long(), real=real, ids=input_ids))
+    seq = SeqState(prompt_lengths) if prompt_lengths is not None else None
+    mask, _ = position_mask(resolved, seq, TokenInfo(pos=pos.long(), real=real, ids=input_ids))
     return real.clone() if mask is None else mask
 
 
@@ -94,12 +94,11 @@ def _site_fns(
     mask = token_mask(
         resolved, real, batch.position_ids.to(device), None, batch.input_ids.to(device)
     )
-    state = SteerState(resolved, mask=mask)
     out: list[tuple[Site, SiteFn]] = []
     for name in resolved.sites:
 
         def fn(h: torch.Tensor, name: str = name) -> torch.Tensor:
-            return apply_operator(h, state, name)
+            return apply_operator(h, resolved, mask, name)
 
         out.append((parse_site(name), fn))
     return sorted(out, key=lambda item: execution_key(item[0]))
@@ -108,7 +107,9 @@ def _site_fns(
 def _run_hf(lm: LoadedModel, spec: SteeringSpec | None, batch: TokenBatch) -> torch.Tensor:
     dev = lm.device
     ctx = steer(lm, spec) if spec is not None else contextlib.nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), ctx as state:
+        if state is not None:
+            state.begin_batch(batch)  # the whole input is the prompt
         out = lm.model(
             input_ids=batch.input_ids.to(dev),
             attention_mask=batch.attention_mask.to(dev),

@@ -237,13 +237,8 @@ def _prefix_is_unsteered(spec: SteeringSpec | None) -> bool:
 
 
 def _begin(state: Any, batch: TokenBatch) -> None:
-    if state is None:
-        return
-    starts = batch.assistant_starts
-    state.begin_sequence(
-        torch.tensor(batch.lengths),
-        torch.tensor([s or 0 for s in starts]) if all(s is not None for s in starts) else None,
-    )
+    if state is not None:
+        state.begin_batch(batch)
 
 
 def _prompt_pass(
@@ -464,7 +459,8 @@ class NeutralCosts:
         """``[B, T, V]`` float32 log-probabilities."""
         dev = self.lm.device
         ctx = steer(self.lm, neutral_spec(spec)) if spec is not None else contextlib.nullcontext()
-        with ctx, torch.inference_mode():
+        with ctx as state, torch.inference_mode():
+            _begin(state, batch)
             logits = self.lm.model(
                 input_ids=batch.input_ids.to(dev),
                 attention_mask=batch.attention_mask.to(dev),

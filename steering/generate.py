@@ -4,6 +4,7 @@ token by token, and baseline vs steered side by side."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,28 +95,32 @@ def generate_stream(
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
     out_ids: list[list[int]] = [[] for _ in enc]
     finished = [False] * len(enc)
-    ctx = steer(lm, spec) if spec is not None else contextlib.nullcontext()
     from transformers import DynamicCache
 
-    with ctx as state, torch.inference_mode():
-        if state is not None:
-            starts = [e.assistant_start for e in enc]
-            state.begin_sequence(
-                torch.tensor(batch.lengths),
-                torch.tensor([s if s is not None else 0 for s in starts])
-                if all(s is not None for s in starts)
-                else None,
-            )
-        cache: Any = DynamicCache()
-        step_ids, step_pos = ids, pos
-        for i in range(cfg.max_new_tokens):
-            logits = lm.model(
+    # The steering lives in a private context: every step runs in it (``scope.run``), so between two
+    # steps nothing is steered in the caller's context, whatever the caller runs there (another stream,
+    # a baseline forward pass, another thread's work).
+    scope = contextvars.copy_context()
+    hooks = contextlib.ExitStack()
+    cache: Any = DynamicCache()
+
+    def step(step_ids: torch.Tensor, mask: torch.Tensor, step_pos: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return lm.model(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
                 **cache_kwargs(lm.model, cache),
                 logits_to_keep=1,
             ).logits[:, -1]
+
+    try:
+        if spec is not None:
+            state = scope.run(hooks.enter_context, steer(lm, spec))
+            scope.run(state.begin_batch, batch)
+        step_ids, step_pos = ids, pos
+        for i in range(cfg.max_new_tokens):
+            logits = scope.run(step, step_ids, mask, step_pos)
             nxt = _pick(logits, cfg, gen)
             toks = nxt.tolist()
             for b, t in enumerate(toks):
@@ -130,6 +135,8 @@ def generate_stream(
             step_ids = nxt.unsqueeze(-1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    finally:
+        scope.run(hooks.close)
 
 
 def generate(

@@ -1,10 +1,21 @@
-"""The steering context manager: hooks gated by a context variable.
+"""The steering context manager: hooks gated by context variables.
 
 ``with steer(lm, spec):`` registers hooks (prepended, so anything that reads the same site sees the
 steered values) and removes every one of them on exit, also after an exception, also when set-up fails
 half-way. The hooks act only for forward passes run in the context (thread / asyncio task) that
-entered the ``with`` block: the steering state lives in a :class:`contextvars.ContextVar`, never on the
-shared model object, so two threads on one model never steer each other.
+entered the ``with`` block: which steerings are on, the state of the current sequence and the state of
+the current forward call all live in :class:`contextvars.ContextVar` s, never on the shared model object,
+and every write replaces the context's value (copy on write) instead of changing a shared object. So
+two threads on one model never steer each other, and two contexts copied from one (``asyncio.to_thread``,
+``contextvars.copy_context().run``, a thread pool) never share per-sequence state.
+
+Sequence boundaries are declared, never guessed from tensor shapes: ``state.begin_sequence(...)`` says
+where a batch's prompts end (and where their assistant turns start). Positions ``prompt``,
+``generated`` and ``assistant`` and conditional steering need it (the library's own generation and
+evaluation declare every sequence); ``all`` and explicit token indices need nothing. Within a declared
+sequence, each forward call must continue it (the KV cache holds exactly the tokens seen so far, or,
+without a cache, the call re-runs them plus new ones); anything else is a new sequence that was not
+declared, and is refused with a clear error.
 
 Positions are decided per token from what the model is called with (``attention_mask``,
 ``position_ids``, the KV cache length), so results are the same with and without the KV cache, and
@@ -15,24 +26,46 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from repe.backends.hf import first_tensor, site_module
+from repe.batching import TokenBatch
 from repe.hooks import mark
 from repe.kvcache import cache_length
 from repe.models import LoadedModel
-from repe.sites import Site, parse_site
+from repe.sites import parse_site
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
 
-_ACTIVE: contextvars.ContextVar[dict[int, SteerState] | None] = contextvars.ContextVar(
+_IDS = itertools.count(1)
+_V = TypeVar("_V")
+# which steerings are on in this context: key -> resolved steering
+_ACTIVE: contextvars.ContextVar[dict[int, ResolvedSteering] | None] = contextvars.ContextVar(
     "repe_steering_active", default=None
 )
-_IDS = itertools.count(1)
+# the declared sequence of each steering in this context
+_SEQ: contextvars.ContextVar[dict[int, SeqState] | None] = contextvars.ContextVar(
+    "repe_steering_sequence", default=None
+)
+# the forward call in progress of each steering in this context
+_CALL: contextvars.ContextVar[dict[int, CallState] | None] = contextvars.ContextVar(
+    "repe_steering_call", default=None
+)
+
+
+def _put(var: contextvars.ContextVar[dict[int, _V] | None], key: int, value: _V | None) -> None:
+    """Copy-on-write update of a per-context mapping: a copied context never sees this write."""
+    cur = dict(var.get() or {})
+    if value is None:
+        cur.pop(key, None)
+    else:
+        cur[key] = value
+    var.set(cur)
 
 
 @dataclass
@@ -44,42 +77,89 @@ class TokenInfo:
     ids: torch.Tensor | None  # [B, T] token ids when called with input_ids
 
 
-@dataclass
-class SteerState:
-    """Per-context state of one active steering (lives in the context variable, not on the model)."""
+@dataclass(frozen=True)
+class SeqState:
+    """One declared sequence (a batch of prompts and what is generated after them). Immutable: an
+    update is a new object written to the context."""
 
-    resolved: ResolvedSteering
     prompt_lengths: torch.Tensor | None = None  # [B] real prompt tokens
     assistant_starts: torch.Tensor | None = None  # [B] real-token index of the assistant turn
     decisions: torch.Tensor | None = None  # [B] bool, conditional steering
-    info: TokenInfo | None = None
-    mask: torch.Tensor | None = None  # [B, T] tokens of the current call to steer; None = all
-    last_shape: tuple[int, int] | None = None  # (B, T) of the last call that had no KV cache
-    explicit: bool = False  # begin_sequence() was called: the next prefill must not reset
+    seen: int = 0  # tokens seen so far (KV cache + this call's columns) after the last call
+    last_ids: torch.Tensor | None = None  # [B, T] ids of the last call without a KV cache
+
+
+@dataclass(frozen=True)
+class CallState:
+    """The forward call in progress: its tokens and which of them to steer (None = every token)."""
+
+    info: TokenInfo
+    mask: torch.Tensor | None
+
+
+def needs_sequence(r: ResolvedSteering) -> bool:
+    """Whether this steering needs declared sequence boundaries (``begin_sequence``)."""
+    return r.positions in ("prompt", "generated", "assistant") or r.condition is not None
+
+
+class SteerState:
+    """The handle ``steer()`` yields: declares sequences and shows the current one's state. Every read
+    and write goes to the *calling* context."""
+
+    def __init__(self, resolved: ResolvedSteering, key: int) -> None:
+        self.resolved = resolved
+        self.key = key
+        self._last: SeqState | None = None
 
     def begin_sequence(
         self,
         prompt_lengths: torch.Tensor | None = None,
         assistant_starts: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """Start a new generation: forget prompt lengths and conditional decisions."""
-        self.prompt_lengths = prompt_lengths
-        self.assistant_starts = assistant_starts
-        self.decisions = None
-        self.last_shape = None
-        self.explicit = True
+        """Start a new sequence in this context: ``prompt_lengths`` ``[B]`` real prompt tokens per row
+        (or ``attention_mask`` ``[B, T]`` of the prompt batch, whose row sums are those lengths), and
+        optionally ``assistant_starts`` ``[B]`` (real-token index where each assistant turn begins;
+        found from the token ids at the first call when not given). Forgets conditional decisions."""
+        if attention_mask is not None:
+            if prompt_lengths is not None:
+                raise ValueError("begin_sequence: give prompt_lengths or attention_mask, not both")
+            prompt_lengths = attention_mask.long().sum(-1)
+        if prompt_lengths is not None:
+            prompt_lengths = torch.as_tensor(prompt_lengths).long().reshape(-1)
+        _put(_SEQ, self.key, SeqState(prompt_lengths, assistant_starts))
 
-    def observe_call(self, b: int, t: int, past_len: int) -> None:
-        """Detect a new sequence: a call without KV cache that does not extend the last one by a token
-        (generation without cache re-runs the whole sequence, one token longer each step)."""
-        if past_len == 0:
-            extends = self.last_shape is not None and self.last_shape == (b, t - 1)
-            if not extends and not self.explicit:
-                self.prompt_lengths = None
-                self.assistant_starts = None
-                self.decisions = None
-            self.explicit = False
-            self.last_shape = (b, t)
+    def begin_batch(self, batch: TokenBatch) -> None:
+        """``begin_sequence`` for a :class:`repe.batching.TokenBatch` of prompts (its real lengths and,
+        where every row has one, its assistant-turn starts)."""
+        starts = batch.assistant_starts
+        self.begin_sequence(
+            torch.tensor(batch.lengths),
+            torch.tensor([int(s) for s in starts])  # type: ignore[arg-type]
+            if all(s is not None for s in starts)
+            else None,
+        )
+
+    @property
+    def sequence(self) -> SeqState | None:
+        seqs = _SEQ.get()
+        seq = seqs.get(self.key) if seqs else None
+        return seq if seq is not None else self._last
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor | None:
+        seq = self.sequence
+        return None if seq is None else seq.prompt_lengths
+
+    @property
+    def decisions(self) -> torch.Tensor | None:
+        seq = self.sequence
+        return None if seq is None else seq.decisions
+
+    def _close(self) -> None:
+        seqs = _SEQ.get()
+        self._last = seqs.get(self.key) if seqs else None
 
 
 def _token_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenInfo:
@@ -108,64 +188,100 @@ def _token_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenInfo:
     return TokenInfo(pos=pos.to(dev).long().expand(b, t), real=real, ids=ids)
 
 
-def _active_state(key: int) -> SteerState | None:
-    active = _ACTIVE.get()
-    return None if active is None else active.get(key)
-
-
-def position_mask(state: SteerState, info: TokenInfo) -> torch.Tensor | None:
-    """[B, T] bool of tokens to steer, or None meaning 'every token' (fast path)."""
-    r = state.resolved
+def position_mask(
+    r: ResolvedSteering, seq: SeqState | None, info: TokenInfo
+) -> tuple[torch.Tensor | None, SeqState | None]:
+    """``[B, T]`` bool of tokens to steer (None meaning 'every token', the fast path), and the sequence
+    state updated by this call (assistant starts found at its first call)."""
     policy = r.positions
     mask: torch.Tensor | None
     if policy == "all":
         mask = None if bool(info.real.all()) else info.real
+    elif policy == "index":  # explicit token indices (non-negative, among real tokens)
+        idx = torch.tensor(r.token_indices, device=info.pos.device)
+        mask = (info.pos.unsqueeze(-1) == idx).any(-1) & info.real
     else:
-        if state.prompt_lengths is None:
-            # first call of a sequence: the prompt is what the model sees first
-            state.prompt_lengths = info.real.sum(-1)
-            if policy == "assistant" and state.assistant_starts is None:
-                if info.ids is None:
-                    raise ValueError("positions='assistant' needs the model called with input_ids")
-                state.assistant_starts = r.find_assistant_starts(info.ids, info.real)
-        plen = state.prompt_lengths.to(info.pos.device).unsqueeze(-1)
+        if seq is None or seq.prompt_lengths is None:
+            seq = SeqState(info.real.sum(-1), None if seq is None else seq.assistant_starts)
+        if policy == "assistant" and seq.assistant_starts is None:
+            if info.ids is None:
+                raise ValueError("positions='assistant' needs the model called with input_ids")
+            seq = dataclasses.replace(
+                seq, assistant_starts=r.find_assistant_starts(info.ids, info.real)
+            )
+        assert seq.prompt_lengths is not None
+        plen = seq.prompt_lengths.to(info.pos.device).unsqueeze(-1)
         if policy == "prompt":
             mask = info.pos < plen
         elif policy == "generated":
             mask = info.pos >= plen
-        elif policy == "assistant":
-            assert state.assistant_starts is not None
-            mask = info.pos >= state.assistant_starts.to(info.pos.device).unsqueeze(-1)
-        else:  # explicit token indices (non-negative, among real tokens)
-            idx = torch.tensor(r.token_indices, device=info.pos.device)
-            mask = (info.pos.unsqueeze(-1) == idx).any(-1)
+        else:
+            assert seq.assistant_starts is not None
+            mask = info.pos >= seq.assistant_starts.to(info.pos.device).unsqueeze(-1)
         mask = mask & info.real
-    if state.decisions is not None:
-        gate = state.decisions.to(info.real.device).unsqueeze(-1)
+    if seq is not None and seq.decisions is not None:
+        gate = seq.decisions.to(info.real.device).unsqueeze(-1)
         mask = gate & (info.real if mask is None else mask)
-    return mask
+    return mask, seq
 
 
-def apply_operator(h: torch.Tensor, state: SteerState, site: str) -> torch.Tensor:
-    r = state.resolved
-    mask = state.mask
+def apply_operator(
+    h: torch.Tensor, r: ResolvedSteering, mask: torch.Tensor | None, site: str
+) -> torch.Tensor:
+    """The steered activation ``[B, T, d]`` at ``site``; tokens outside ``mask`` keep ``h``."""
     delta = r.deltas[site].to(h.dtype)
     u = r.units[site].to(h.dtype)
-    fn = r.operator.fn
-    if mask is None:
-        return fn(h, delta, u, r.clamp_value(site))
-    new = fn(h, delta, u, r.clamp_value(site))
-    return torch.where(mask.unsqueeze(-1), new, h)
+    new = r.operator.fn(h, delta, u, r.clamp_value(site))
+    return new if mask is None else torch.where(mask.unsqueeze(-1), new, h)
 
 
-def _decide(state: SteerState, h: torch.Tensor, info: TokenInfo) -> None:
-    """Conditional steering: decide per sequence from the prompt's mean activation at the condition site."""
-    cond = state.resolved.condition
+def decide(r: ResolvedSteering, h: torch.Tensor, info: TokenInfo) -> torch.Tensor:
+    """Conditional steering: ``[B]`` bool per sequence from its prompt's mean activation at the
+    condition site."""
+    cond = r.condition
     assert cond is not None
     real = info.real.unsqueeze(-1).to(h.dtype)
     mean = (h * real).sum(1) / real.sum(1).clamp(min=1)
     proj = mean.float() @ cond.unit.to(h.device).float()
-    state.decisions = proj > cond.threshold if cond.above else proj < cond.threshold
+    return proj > cond.threshold if cond.above else proj < cond.threshold
+
+
+_UNDECLARED = (
+    "steering with positions={what} needs declared sequence boundaries: call "
+    "state.begin_sequence(prompt_lengths=... or attention_mask=...) on the object `with steer(...) as "
+    "state` gives, before each new batch (steering.generate and steering.evaluate do this for you)"
+)
+
+
+def _continue(r: ResolvedSteering, seq: SeqState | None, info: TokenInfo, past: int) -> SeqState:
+    """Check that this forward call belongs to the declared sequence and account for its tokens."""
+    what = "condition" if r.condition is not None and r.positions == "all" else repr(r.positions)
+    if seq is None:
+        raise ValueError(_UNDECLARED.format(what=what))
+    b, t = info.real.shape
+    if seq.prompt_lengths is not None and seq.prompt_lengths.shape[0] != b:
+        raise ValueError(
+            f"steering: this forward call has {b} rows but the declared sequence has "
+            f"{seq.prompt_lengths.shape[0]}; call state.begin_sequence(...) for the new batch"
+        )
+    if seq.seen:
+        if past:
+            ok = past == seq.seen  # the KV cache holds exactly what this sequence has seen
+        else:  # without a cache the call re-runs the sequence so far, plus new tokens
+            prev = seq.last_ids
+            ok = (
+                t > seq.seen
+                and prev is not None
+                and info.ids is not None
+                and torch.equal(info.ids[:, : prev.shape[1]].to(prev.device), prev)
+            )
+        if not ok:
+            raise ValueError(
+                "steering: a forward call that does not continue the declared sequence (a new "
+                "batch?); " + _UNDECLARED.format(what=what).split(": ", 1)[1]
+            )
+    last = info.ids if not past and info.ids is not None else seq.last_ids
+    return dataclasses.replace(seq, seen=past + t, last_ids=last)
 
 
 @contextlib.contextmanager
@@ -173,29 +289,44 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
     """Apply a steering spec to ``lm`` for forward passes run inside the ``with`` block (this context)."""
     resolved = resolve(lm, spec)
     key = next(_IDS)
-    state = SteerState(resolved)
+    state = SteerState(resolved, key)
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    needs = needs_sequence(resolved)
+
+    def active() -> bool:
+        on = _ACTIVE.get()
+        return on is not None and key in on
+
+    def call_state() -> CallState | None:
+        on = _ACTIVE.get()
+        if on is None or key not in on:
+            return None
+        calls = _CALL.get()
+        return calls.get(key) if calls else None
 
     def pre_backbone(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        st = _active_state(key)
-        if st is None:
+        if not active():
             return
         info = _token_info(args, kwargs)
-        b, t = info.real.shape
-        st.observe_call(b, t, cache_length(kwargs))
-        st.info = info
-        if st.resolved.condition is not None and st.decisions is None:
-            st.mask = None  # decided at the condition site, before any steered site runs
+        seq: SeqState | None = None
+        if needs:
+            seqs = _SEQ.get()
+            seq = _continue(resolved, seqs.get(key) if seqs else None, info, cache_length(kwargs))
+        if resolved.condition is not None and seq is not None and seq.decisions is None:
+            mask = None  # decided at the condition site, before any steered site runs
         else:
-            st.mask = position_mask(st, info)
+            mask, seq = position_mask(resolved, seq, info)
+        if seq is not None:
+            _put(_SEQ, key, seq)
+        _put(_CALL, key, CallState(info, mask))
 
     def make_post(site: str) -> Any:
         def hook(_m: Any, _a: Any, out: Any) -> Any:
-            st = _active_state(key)
-            if st is None:
+            call = call_state()
+            if call is None:
                 return None
             h = first_tensor(out)
-            new = apply_operator(h, st, site)
+            new = apply_operator(h, resolved, call.mask, site)
             if isinstance(out, tuple):
                 return (new, *out[1:])
             return new
@@ -204,28 +335,32 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
 
     def make_pre(site: str) -> Any:
         def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            st = _active_state(key)
-            if st is None:
+            call = call_state()
+            if call is None:
                 return None
             if args:
-                return ((apply_operator(args[0], st, site), *args[1:]), kwargs)
+                return ((apply_operator(args[0], resolved, call.mask, site), *args[1:]), kwargs)
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = apply_operator(kwargs["hidden_states"], st, site)
+            kwargs["hidden_states"] = apply_operator(
+                kwargs["hidden_states"], resolved, call.mask, site
+            )
             return (args, kwargs)
 
         return mark(hook)
 
-    def make_condition(site: Site) -> Any:
-        def hook(h: torch.Tensor) -> None:
-            st = _active_state(key)
-            if st is None or st.decisions is not None or st.info is None:
-                return
-            _decide(st, h, st.info)
-            st.mask = position_mask(st, st.info)
+    def condition_hook(h: torch.Tensor) -> None:
+        call = call_state()
+        seqs = _SEQ.get()
+        seq = seqs.get(key) if seqs else None
+        if call is None or seq is None or seq.decisions is not None:
+            return
+        seq = dataclasses.replace(seq, decisions=decide(resolved, h, call.info))
+        mask, seq = position_mask(resolved, seq, call.info)
+        assert seq is not None
+        _put(_SEQ, key, seq)
+        _put(_CALL, key, CallState(call.info, mask))
 
-        return hook
-
-    token = _ACTIVE.set({**(_ACTIVE.get() or {}), key: state})
+    token = _ACTIVE.set({**(_ACTIVE.get() or {}), key: resolved})
     try:
         handles.append(
             lm.backbone.register_forward_pre_hook(
@@ -235,11 +370,7 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
         if resolved.condition is not None:
             from repe.backends.hf import register_capture
 
-            handles.append(
-                register_capture(
-                    lm, resolved.condition.site, mark(make_condition(resolved.condition.site))
-                )
-            )
+            handles.append(register_capture(lm, resolved.condition.site, mark(condition_hook)))
         for name in resolved.sites:
             site = parse_site(name)
             module = site_module(lm, site)
@@ -253,4 +384,7 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
     finally:
         for h in handles:
             h.remove()
+        state._close()
+        _put(_SEQ, key, None)
+        _put(_CALL, key, None)
         _ACTIVE.reset(token)

@@ -191,9 +191,11 @@ def greedy(lm, enc, n=6, use_cache=True):
 def test_kv_cache_parity(tiny_lm, positions):
     d = direction(tiny_lm)
     enc = batch(tiny_lm, side="left")
-    with steer(tiny_lm, SteeringSpec(d, coeff=1.0, positions=positions)):
+    with steer(tiny_lm, SteeringSpec(d, coeff=1.0, positions=positions)) as state:
+        state.begin_sequence(attention_mask=enc["attention_mask"])
         a = greedy(tiny_lm, enc, use_cache=True)
-    with steer(tiny_lm, SteeringSpec(d, coeff=1.0, positions=positions)):
+    with steer(tiny_lm, SteeringSpec(d, coeff=1.0, positions=positions)) as state:
+        state.begin_sequence(attention_mask=enc["attention_mask"])
         b = greedy(tiny_lm, enc, use_cache=False)
     assert torch.equal(a.sequences, b.sequences)
     for la, lb in zip(a.logits, b.logits, strict=True):
@@ -204,9 +206,11 @@ def test_prompt_and_generated_positions_split_the_sequence(tiny_lm):
     d = direction(tiny_lm)
     enc = batch(tiny_lm, side="left")
     base = greedy(tiny_lm, enc)
-    with steer(tiny_lm, SteeringSpec(d, coeff=2.0, positions="generated")):
+    with steer(tiny_lm, SteeringSpec(d, coeff=2.0, positions="generated")) as state:
+        state.begin_sequence(attention_mask=enc["attention_mask"])
         gen_only = greedy(tiny_lm, enc)
-    with steer(tiny_lm, SteeringSpec(d, coeff=2.0, positions="prompt")):
+    with steer(tiny_lm, SteeringSpec(d, coeff=2.0, positions="prompt")) as state:
+        state.begin_sequence(attention_mask=enc["attention_mask"])
         prompt_only = greedy(tiny_lm, enc)
     # steering only generated tokens leaves the first next-token distribution untouched
     assert torch.equal(gen_only.logits[0], base.logits[0])
@@ -227,6 +231,7 @@ def test_conditional_steering_decides_per_sequence(tiny_lm):
     base = logits(tiny_lm, enc)
     spec = SteeringSpec(d, coeff=1.0, condition=Condition(cdir, cond_site, thr, above=True))
     with steer(tiny_lm, spec) as state:
+        state.begin_sequence(attention_mask=enc["attention_mask"])
         got = logits(tiny_lm, enc)
     assert state.decisions is not None and state.decisions.tolist() == expected.tolist()
     for i in range(len(TEXTS)):
@@ -303,3 +308,139 @@ def test_bad_specs(tiny_lm, embedded_lm):
 
     with pytest.raises(ArtifactMismatchError), steer(embedded_lm, SteeringSpec(d, coeff=1.0)):
         pass
+
+
+# ---- scope: exactly the forward passes inside the steering, in the context that entered it ----------
+
+
+def test_interleaved_streams_in_one_thread_each_yield_what_they_yield_alone(tiny_lm):
+    """A baseline and a steered stream zipped in one thread: between the steered stream's steps, the
+    caller's context is not steered, so the baseline stream is not steered either (and vice versa)."""
+    from steering.generate import GenerationConfig, generate_stream
+
+    d = direction(tiny_lm)
+    spec = SteeringSpec(d, coeff=3.0)
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    prompts = TEXTS[:2]
+    alone_base = [s.token_ids for s in generate_stream(tiny_lm, prompts, None, cfg)]
+    alone_steered = [s.token_ids for s in generate_stream(tiny_lm, prompts, spec, cfg)]
+    assert alone_base != alone_steered
+    both = list(
+        zip(
+            generate_stream(tiny_lm, prompts, spec, cfg),
+            generate_stream(tiny_lm, prompts, None, cfg),
+            strict=True,
+        )
+    )
+    assert [s.token_ids for s, _ in both] == alone_steered
+    assert [b.token_ids for _, b in both] == alone_base
+    # a plain forward pass the caller makes between two steered steps is not steered
+    enc = batch(tiny_lm)
+    base = logits(tiny_lm, enc)
+    stream = generate_stream(tiny_lm, prompts, spec, cfg)
+    next(stream)
+    assert torch.equal(logits(tiny_lm, enc), base)
+    stream.close()
+    assert leftover_hooks(tiny_lm.model) == []
+
+
+def test_two_unrelated_batches_in_one_block(tiny_lm):
+    """Two batches inside one ``with steer`` (positions='prompt'): each declared one gives what it
+    gives alone; an undeclared one is refused with a clear error, never given the other's lengths."""
+    d = direction(tiny_lm)
+    spec = SteeringSpec(d, coeff=2.0, positions="prompt")
+    a = batch(tiny_lm, ["Hello there", "Hi"], side="left")
+    b = batch(tiny_lm, ["Hello there you", "Hi"], side="left")  # one token longer
+    alone = {}
+    for name, enc in (("a", a), ("b", b)):
+        with steer(tiny_lm, spec) as state:
+            state.begin_sequence(attention_mask=enc["attention_mask"])
+            alone[name] = logits(tiny_lm, enc)
+    with steer(tiny_lm, spec) as state:
+        state.begin_sequence(attention_mask=a["attention_mask"])
+        got_a = logits(tiny_lm, a)
+        state.begin_sequence(attention_mask=b["attention_mask"])
+        got_b = logits(tiny_lm, b)
+    assert torch.equal(got_a, alone["a"]) and torch.equal(got_b, alone["b"])
+    with steer(tiny_lm, spec) as state:
+        state.begin_sequence(attention_mask=a["attention_mask"])
+        logits(tiny_lm, a)
+        with pytest.raises(ValueError, match="does not continue the declared sequence"):
+            logits(tiny_lm, b)
+    with steer(tiny_lm, spec), pytest.raises(ValueError, match="begin_sequence"):
+        logits(tiny_lm, a)
+    with steer(tiny_lm, spec) as state:
+        state.begin_sequence(torch.tensor([3, 3, 3]))
+        with pytest.raises(ValueError, match="3"):
+            logits(tiny_lm, a)
+    # 'all' and explicit indices need no declaration
+    for positions in ("all", [0, 1]):
+        with steer(tiny_lm, SteeringSpec(d, coeff=2.0, positions=positions)):
+            logits(tiny_lm, a)
+            logits(tiny_lm, b)
+
+
+@pytest.mark.parametrize("how", ["to_thread", "copy_context", "tasks"])
+def test_copied_contexts_never_share_sequence_state(tiny_lm, how):
+    """Two contexts copied from the one that entered ``steer`` run at once, each with its own batch
+    and its own declared sequence. Threads: a barrier inside the forward pass makes both declare and
+    start before either reaches a steered site. asyncio tasks: both declare, then both run. Each gives
+    what it gives alone."""
+    import asyncio
+    import concurrent.futures
+    import contextvars
+
+    d = direction(tiny_lm)
+    spec = SteeringSpec(d, coeff=2.0, positions="prompt")
+    encs = [
+        batch(tiny_lm, ["Hello there", "Hi", "One more row"], side="left"),
+        batch(tiny_lm, ["A different batch of two", "ok"], side="left"),
+    ]
+    alone = []
+    for enc in encs:
+        with steer(tiny_lm, spec) as state:
+            state.begin_sequence(attention_mask=enc["attention_mask"])
+            alone.append(logits(tiny_lm, enc))
+    barrier = threading.Barrier(2, timeout=20)
+
+    def wait(*_):
+        barrier.wait()
+
+    def run(state, enc):
+        state.begin_sequence(attention_mask=enc["attention_mask"])
+        return logits(tiny_lm, enc)
+
+    async def task(state, enc):
+        state.begin_sequence(attention_mask=enc["attention_mask"])
+        await asyncio.sleep(0.01)  # the other task declares its sequence meanwhile
+        return logits(tiny_lm, enc)
+
+    with steer(tiny_lm, spec) as state:
+        if how == "tasks":
+
+            async def both_tasks():
+                return await asyncio.gather(*(task(state, enc) for enc in encs))
+
+            got = asyncio.run(both_tasks())
+        else:
+            gate = tiny_lm.layers[0].register_forward_pre_hook(wait)
+            try:
+                if how == "to_thread":
+
+                    async def both():
+                        return await asyncio.gather(
+                            *(asyncio.to_thread(run, state, enc) for enc in encs)
+                        )
+
+                    got = asyncio.run(both())
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                        futs = [
+                            pool.submit(contextvars.copy_context().run, run, state, enc)
+                            for enc in encs
+                        ]
+                        got = [f.result() for f in futs]
+            finally:
+                gate.remove()
+    for g, want in zip(got, alone, strict=True):
+        assert torch.equal(g, want)

@@ -251,7 +251,8 @@ def test_ab_score_is_the_renormalised_letter_probability(tiny_lm, items):
         enc = tok(text, add_special_tokens=False, return_tensors="pt")
         ref = {}
         for name, s in (("assistant", spec), ("all", SteeringSpec(d, coeff=1.0))):
-            with steer(tiny_lm, s), torch.no_grad():
+            with steer(tiny_lm, s) as state, torch.no_grad():
+                state.begin_sequence(attention_mask=enc["attention_mask"])
                 p = tiny_lm.model(**enc).logits[0, -1].softmax(-1)
             pa, pb = float(p[a_id]), float(p[b_id])
             ref[name] = (pa if it.answer_matching_behavior == "(A)" else pb) / (pa + pb)
