@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probes.sweep import DEFAULT_READERS, ReaderSpec, SiteScore, SweepResult, probe_dataset
+from repe.atomic import atomic_file
 from repe.capture import DEFAULT_SITES
 from repe.datasets import ContrastDataset, list_concepts, load_concept, load_pairs_file
 from repe.datasets.core import DatasetNotFoundError
@@ -185,7 +186,8 @@ def run_probe(
 
             fig = sweep_figure(result)
             html_path = out / "sweep.html"
-            fig.write_html(str(html_path), include_plotlyjs=True)
+            with atomic_file(html_path) as tmp:
+                fig.write_html(str(tmp), include_plotlyjs=True)
             paths["figure"] = html_path
         except MissingExtraError as exc:
             notes.append(f"no figure written: {exc}")

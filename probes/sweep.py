@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from probes.readers import Reader, make_reader
 from repe.activations import ActivationSet
+from repe.atomic import atomic_file, write_text
 from repe.capture import DEFAULT_SITES, capture
 from repe.datasets import ContrastDataset
 from repe.directions import Direction
@@ -188,9 +189,8 @@ class SweepResult:
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        with p.open("w", newline="", encoding="utf-8") as fh:
+        with atomic_file(p) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
@@ -213,10 +213,7 @@ class SweepResult:
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
-        return p
+        return write_text(path, json.dumps(self.to_json(), indent=1))
 
     # ---- artifacts --------------------------------------------------------------------------
     def to_direction(

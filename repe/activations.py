@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from repe.atomic import replace_dir, temp_dir_beside
 from repe.models import ModelIdentity
 
 FORMAT_VERSION = 1
@@ -167,11 +168,20 @@ class ActivationSet:
         return torch.stack([self[s] for s in (sites or self.sites)], dim=1)
 
     # ---- I/O --------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the set to ``directory`` (built beside it, then renamed into place). An existing
+        activation set there is replaced only with ``overwrite=True``; anything else is never touched;
+        a set is never saved onto its own folder."""
         directory = Path(directory)
-        writer = ShardWriter(directory, self.meta)
-        for sh in self.iter_shards():
-            writer.write(sh)
+        if self._dir is not None and directory.resolve() == self._dir.resolve():
+            raise ValueError(f"refusing to save the activation set in {directory} onto itself")
+        writer = ShardWriter(directory, self.meta, overwrite=overwrite)
+        try:
+            for sh in self.iter_shards():
+                writer.write(sh)
+        except BaseException:
+            writer.abort()
+            raise
         return writer.close().directory_path
 
     @property
@@ -192,22 +202,35 @@ class ActivationSet:
         return cls(ActivationMeta.from_json(d), None, directory, list(d["shards"]))
 
 
-class ShardWriter:
-    """Writes shards as they come; ``meta.json`` is written last, so its presence marks completion."""
+def is_activation_set(directory: Path) -> bool:
+    return (directory / "meta.json").is_file() or any(directory.glob("shard_*.safetensors"))
 
-    def __init__(self, directory: Path, meta: ActivationMeta) -> None:
-        self.directory = directory
+
+class ShardWriter:
+    """Writes shards as they come into a temporary folder beside ``directory``; ``close()`` writes
+    ``meta.json`` and renames the folder into place, ``abort()`` removes it. So an interrupted capture
+    leaves nothing at ``directory`` and a previous set there survives until the new one is complete."""
+
+    def __init__(self, directory: Path, meta: ActivationMeta, *, overwrite: bool = False) -> None:
+        self.target = directory
         self.meta = meta
         self.files: list[str] = []
-        if directory.exists() and any(directory.iterdir()):
-            if not (directory / "meta.json").exists() and not any(
-                directory.glob("shard_*.safetensors")
-            ):
+        if directory.exists():
+            if not directory.is_dir():
                 raise FileExistsError(
-                    f"{directory} exists and is not an activation set; refusing to overwrite"
+                    f"{directory} exists and is not a folder; refusing to overwrite"
                 )
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+            if any(directory.iterdir()):
+                if not is_activation_set(directory):
+                    raise FileExistsError(
+                        f"{directory} exists and is not an activation set; refusing to overwrite"
+                    )
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{directory} already holds an activation set; pass overwrite=True "
+                        "(repe capture --overwrite) to replace it"
+                    )
+        self.directory = temp_dir_beside(directory)
 
     def write(self, shard: Shard) -> None:
         name = f"shard_{len(self.files):05d}.safetensors"
@@ -219,7 +242,13 @@ class ShardWriter:
     def close(self) -> ActivationSet:
         d = self.meta.to_json()
         d["shards"] = self.files
-        tmp = self.directory / "meta.json.tmp"
-        tmp.write_text(json.dumps(d, indent=1))
-        tmp.replace(self.directory / "meta.json")
-        return ActivationSet(self.meta, None, self.directory, list(self.files))
+        try:
+            (self.directory / "meta.json").write_text(json.dumps(d, indent=1))
+            replace_dir(self.directory, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        return ActivationSet(self.meta, None, self.target, list(self.files))
+
+    def abort(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

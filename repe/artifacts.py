@@ -1,14 +1,24 @@
 """Artifact I/O: every fitted thing saves as ``name.safetensors`` (tensors) + ``name.json`` (metadata).
 
 The JSON carries ``kind`` and ``format_version``; loading dispatches on ``kind`` through a registry that
-lists the valid kinds when it refuses one. No pickle anywhere. Writes go to temporary files first and are
-renamed into place, so a failure never leaves a partial artifact behind.
+lists the valid kinds when it refuses one. No pickle anywhere.
+
+The pair appears together or not at all. Both files are written under temporary names first (a failure
+there leaves nothing behind and the previous artifact untouched). The JSON records the SHA-256 of its
+tensors file. The previous tensors file is kept as ``name.safetensors.prev`` (a hard link) while the new
+one is renamed into place; renaming the JSON is the commit point; then ``.prev`` is removed. A crash
+between the two renames leaves the old JSON, the new tensors and the old tensors in ``.prev``: loading sees
+that the JSON's hash matches ``.prev``, puts it back, and loads the previous artifact intact. A pair whose
+hash matches neither is refused with a clear error, never loaded mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -17,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from repe.atomic import atomic_file
 from repe.errors import ArtifactMismatchError, DataFormatError
 from repe.models import LoadedModel, ModelIdentity
 
@@ -53,6 +64,14 @@ def artifact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_artifact(obj: Artifact, path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` as safetensors + JSON next to each other; returns the .safetensors path."""
     st_path, json_path = artifact_paths(path)
@@ -62,17 +81,27 @@ def save_artifact(obj: Artifact, path: str | os.PathLike[str]) -> Path:
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
             raise ValueError(f"refusing to save {obj.KIND}: tensor {k!r} contains NaN or inf")
-    tmp_st = st_path.with_name(st_path.name + ".tmp")
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp_st), metadata={"kind": obj.KIND})
-        tmp_json.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        tmp_st.replace(st_path)
-        tmp_json.replace(json_path)
-    finally:
-        for t in (tmp_st, tmp_json):
-            if t.exists():
-                t.unlink()
+    prev = st_path.with_name(st_path.name + ".prev")
+    with atomic_file(
+        json_path
+    ) as tmp_json:  # leaving this block renames the JSON: the commit point
+        fd, name = tempfile.mkstemp(prefix=f".{st_path.name}.", suffix=".tmp", dir=st_path.parent)
+        os.close(fd)
+        tmp_st = Path(name)
+        try:
+            save_file(tensors, str(tmp_st), metadata={"kind": obj.KIND})
+            meta["tensors_sha256"] = _sha256(tmp_st)
+            tmp_json.write_text(json.dumps(meta, indent=1, sort_keys=True))
+            prev.unlink(missing_ok=True)
+            if st_path.exists() and json_path.exists():
+                try:  # the previous pair stays loadable until the JSON is renamed
+                    os.link(st_path, prev)
+                except OSError:
+                    shutil.copy2(st_path, prev)
+            os.replace(tmp_st, st_path)
+        finally:
+            tmp_st.unlink(missing_ok=True)
+    prev.unlink(missing_ok=True)
     return st_path
 
 
@@ -89,6 +118,16 @@ def read_artifact(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
         raise DataFormatError(f"{json_path}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict) or "kind" not in meta or "format_version" not in meta:
         raise DataFormatError(f"{json_path}: missing 'kind' or 'format_version'")
+    want = meta.get("tensors_sha256")
+    if want is not None and _sha256(st_path) != want:
+        prev = st_path.with_name(st_path.name + ".prev")
+        if prev.is_file() and _sha256(prev) == want:
+            os.replace(prev, st_path)  # a save was interrupted before its commit: roll back
+        else:
+            raise DataFormatError(
+                f"{st_path} does not belong to {json_path.name} (its SHA-256 differs from the one "
+                "the JSON records): the pair comes from two different saves"
+            )
     try:
         tensors = load_file(str(st_path))
     except (SafetensorError, OSError, ValueError) as exc:

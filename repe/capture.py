@@ -6,14 +6,14 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from repe.activations import ActivationMeta, ActivationSet, Shard, ShardWriter
 from repe.backends import get_backend
-from repe.batching import Inputs, TokenBatch, batches, encode, fingerprint
+from repe.batching import Encoded, Inputs, TokenBatch, batches, encode, fingerprint
 from repe.models import LoadedModel
 from repe.positions import PositionPolicy, PositionSpec, as_policy
 from repe.sites import Site, SiteSpec, resolve_sites
@@ -112,6 +112,7 @@ def capture(
     batch_size: int = 16,
     backend: str = "hf",
     out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     shard_size: int = 1024,
     padding_side: str = "right",
     progress: bool | None = None,
@@ -130,7 +131,10 @@ def capture(
         batch_size: examples per forward pass.
         backend: ``"hf"`` (default, fastest), ``"transformer_lens"`` or ``"nnsight"``.
         out_dir: when given, activations stream to safetensors shards there (memory does not grow with
-            the dataset) and a disk-backed set is returned.
+            the dataset) and a disk-backed set is returned. The set is built in a temporary folder
+            beside ``out_dir`` and renamed into place when complete; an interrupted capture leaves
+            nothing there.
+        overwrite: replace an activation set already in ``out_dir`` (never anything else).
         shard_size: examples per shard when streaming.
         padding_side: results do not depend on it; it is exposed so tests can prove that.
         progress: show a progress bar (default: when there is more than one batch).
@@ -157,7 +161,44 @@ def capture(
         backend=backend,
         padding_side=padding_side,
     )
-    writer = ShardWriter(Path(out_dir), meta) if out_dir is not None else None
+    writer = ShardWriter(Path(out_dir), meta, overwrite=overwrite) if out_dir is not None else None
+    try:
+        return _run_capture(
+            lm,
+            encoded,
+            site_list,
+            policy,
+            be,
+            meta,
+            writer,
+            batch_size,
+            shard_size,
+            padding_side,
+            progress,
+            store_dtype,
+            on_batch,
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _run_capture(
+    lm: LoadedModel,
+    encoded: list[Encoded],
+    site_list: list[Site],
+    policy: PositionPolicy,
+    be: Any,
+    meta: ActivationMeta,
+    writer: ShardWriter | None,
+    batch_size: int,
+    shard_size: int,
+    padding_side: str,
+    progress: bool | None,
+    store_dtype: torch.dtype,
+    on_batch: Callable[[int, int], None] | None,
+) -> ActivationSet:
     collector = _Collector(store_dtype)
     shards: list[Shard] = []
     n_batches = (len(encoded) + batch_size - 1) // batch_size

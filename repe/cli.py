@@ -86,6 +86,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         backend=args.backend,
         out_dir=args.out,
+        overwrite=args.overwrite,
     )
     print(f"captured {len(acts)} examples at {len(acts.sites)} sites into {args.out}")
     return 0
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="hf", choices=["hf", "transformer_lens", "nnsight"])
     p.add_argument("--out", required=True, help="output folder (safetensors shards + meta.json)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an activation set already in --out"
+    )
     p.set_defaults(func=cmd_capture)
     p = sub.add_parser(
         "probe", help="layer sweep of value-direction readers; saves the best direction"
@@ -385,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (RepeError, ValueError, FileNotFoundError) as exc:
+    except (RepeError, ValueError, OSError) as exc:
         print(f"repe: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repe.atomic import replace_dir, temp_dir_beside
 from repe.errors import ModelNotAvailableError, RepeError
 
 log = logging.getLogger(__name__)
@@ -171,8 +174,12 @@ def embedded_model_dir() -> Path:
     """De-quantise the embedded GGUF once into a safetensors folder and return that folder."""
     gguf_path = embedded_gguf_path()
     target = cache_root() / "models" / f"{EMBEDDED_NAME}-{_file_digest(gguf_path)}"
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    if _cache_is_complete(target):
         return target
+    if target.exists():
+        log.warning(
+            "the de-quantised model cache in %s is incomplete or damaged; rebuilding", target
+        )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("de-quantising %s into %s (once)", gguf_path, target)
@@ -188,17 +195,39 @@ def embedded_model_dir() -> Path:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(gguf_model.state_dict(), assign=True)
     fresh.tie_weights()
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text("ok\n")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    # built in a folder of its own (two first runs at once never share one), verified, then renamed
+    tmp = temp_dir_beside(target)
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        manifest = {f.name: _file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / ".complete").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if not _cache_is_complete(tmp):
+            raise RuntimeError(f"the de-quantised model written to {tmp} does not verify")
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished de-quantised model: its manifest (``.complete``) lists every
+    file with its size and a digest of its first MiB, and every one of them matches."""
+    try:
+        manifest = json.loads((folder / ".complete").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or "config.json" not in manifest:
+        return False
+    for name, digest in manifest.items():
+        f = folder / name
+        try:
+            if not f.is_file() or _file_digest(f) != digest:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def load_model(

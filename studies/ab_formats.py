@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from repe.atomic import write_text  # noqa: E402
 from repe.datasets import CAAItem, load_ab_control  # noqa: E402
 from repe.models import LoadedModel, load_model  # noqa: E402
 from steering.ab_control import summarise  # noqa: E402
@@ -117,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report = study()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    write_text(args.out, report)
     print(report)
 
 

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from repe.atomic import write_text  # noqa: E402
 from repe.datasets import load_neutral  # noqa: E402
 from repe.models import load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
@@ -116,7 +117,7 @@ def main() -> None:
         name = "caa_effect_size" + ("_cloze" if args.form == "cloze" else "")
         args.out = ROOT / "studies" / "reports" / f"{name}.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    write_text(args.out, report)
     print(report)
 
 

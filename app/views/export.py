@@ -9,6 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.names import inside, safe_name
 from app.state import get_state
 from repe.sites import parse_site
 from steering.export import export, llama_cpp_command
@@ -26,7 +27,7 @@ def export_bytes(spec: SteeringSpec, fmt: str, name: str, fold_coeff: bool = Fal
     """Run the library exporter into a temporary folder and return the file's bytes (zip of the
     safetensors + json pair for ``safetensors``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = export(spec, Path(tmp) / name, fmt, fold_coeff=fold_coeff)
+        out = export(spec, inside(tmp, name), fmt, fold_coeff=fold_coeff)
         if fmt != "safetensors":
             return Path(out).read_bytes()
         buf = io.BytesIO()
@@ -44,7 +45,10 @@ def render() -> None:
         st.info("Choose a steering setting on the Steer page first; it is exported from here.")
         return
     st.json(spec.to_json())
-    name = st.text_input("File name (no extension)", "steering").strip() or "steering"
+    typed = st.text_input("File name (no extension)", "steering")
+    name = safe_name(typed)
+    if name != typed.strip():
+        st.caption(f"Saved as `{name}` (letters, digits, `.`, `_` and `-` only; no folders).")
     fold = st.checkbox("Fold the coefficient into the GGUF vectors", value=False)
     for fmt, (label, mime, ext) in FILES.items():
         try:

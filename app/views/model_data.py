@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.names import inside, safe_name
 from app.resources import current_model
 from app.state import get_state
 from repe.datasets import ContrastDataset, list_concepts, load_pairs_file
@@ -43,11 +44,11 @@ def model_summary(lm: LoadedModel) -> dict[str, str]:
 
 def read_upload(name: str, data: bytes) -> ContrastDataset:
     """Parse an uploaded pairs file with the library loader (through a temporary file)."""
-    suffix = Path(name).suffix.lower()
+    clean = Path(safe_name(name, default="upload"))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{suffix}"
+        path = inside(tmp, f"upload{clean.suffix.lower()}")
         path.write_bytes(data)
-        return load_pairs_file(path, name=Path(name).stem)
+        return load_pairs_file(path, name=clean.stem)
 
 
 def preview_rows(ds: ContrastDataset, n: int = PREVIEW_ROWS) -> list[dict[str, str]]:

@@ -13,6 +13,7 @@ import streamlit as st
 
 from app.errors import shown_errors
 from app.jobs import cancel_button, progress_bar, show_cancelled
+from app.names import inside, safe_name
 from app.resources import ab_control_result, current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
 from repe.datasets import list_concepts, load_neutral
@@ -79,7 +80,7 @@ def load_uploaded_artifacts(lm: LoadedModel, files: list[Any]) -> dict[str, Dire
     """Pair ``name.safetensors`` with ``name.json`` and load each with the library loader."""
     by_stem: dict[str, dict[str, bytes]] = {}
     for f in files:
-        p = Path(f.name)
+        p = Path(safe_name(f.name, default="upload"))
         by_stem.setdefault(p.stem, {})[p.suffix.lower()] = f.getvalue()
     out: dict[str, Direction] = {}
     for stem, parts in by_stem.items():
@@ -88,8 +89,8 @@ def load_uploaded_artifacts(lm: LoadedModel, files: list[Any]) -> dict[str, Dire
             raise ValueError(f"artifact {stem!r} needs both {stem}.safetensors and {stem}.json")
         with tempfile.TemporaryDirectory() as tmp:
             for suffix, data in parts.items():
-                (Path(tmp) / f"{stem}{suffix}").write_bytes(data)
-            out[f"uploaded:{stem}"] = Direction.load(Path(tmp) / stem, lm)
+                inside(tmp, f"{stem}{suffix}").write_bytes(data)
+            out[f"uploaded:{stem}"] = Direction.load(inside(tmp, stem), lm)
     return out
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from repe.atomic import atomic_file
 from repe.directions import Direction
 from repe.errors import DataFormatError
 from repe.models import ModelIdentity
 from repe.sites import Site, parse_site
-from steering.export.atomic import atomic_path
 from steering.spec import SteeringSpec
 
 SPEC_KIND = "steering_spec"
@@ -89,7 +89,7 @@ def export_lmeval_pt(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
             "steering_vector": vec.contiguous(),
             "bias": None,
         }
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         torch.save(out, tmp)
     return Path(path)
 
@@ -161,7 +161,7 @@ def export_spec_json(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
     for s in spec.site_list():
         if not torch.isfinite(d[s]).all():
             raise ValueError(f"{s}: vector contains NaN or inf")
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
     return Path(path)
 

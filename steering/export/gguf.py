@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from repe.atomic import atomic_file
 from repe.directions import Direction
 from repe.errors import DataFormatError
 from repe.models import ModelIdentity
 from repe.sites import Site, parse_site
-from steering.export.atomic import atomic_path
 
 ARCH = "controlvector"
 META_KEY = "repe.metadata"
@@ -101,7 +101,7 @@ def export_gguf(
         if coeff is None
         else (dict(coeff) if isinstance(coeff, Mapping) else coeff),
     }
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), ARCH)
         w.add_string(f"{ARCH}.model_hint", hint or model_hint(direction.identity))
         w.add_uint32(f"{ARCH}.layer_count", len(vectors))
