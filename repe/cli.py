@@ -6,7 +6,74 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``repe steer: error: argument --coeff: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers; got {text!r}"
+        ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers; got {text!r}"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    """A file that exists (an artifact may be named without its .json / .safetensors extension)."""
+    from pathlib import Path
+
+    p = Path(text)
+    if p.is_file() or any(Path(text + ext).is_file() for ext in (".json", ".safetensors")):
+        return text
+    raise argparse.ArgumentTypeError(f"no such file: {text}")
+
+
+class _FlagError(Exception):
+    """A failure attributed to one command-line flag or file."""
+
+
+def _flag(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn``; a failure becomes one line that names ``name`` (the flag or file it came from)."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, KeyError, OSError, LookupError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise _FlagError(f"{name}: {msg}") from exc
+    except Exception as exc:  # the library's own errors (RepeError and subclasses)
+        from repe.errors import RepeError
+
+        if isinstance(exc, RepeError):
+            raise _FlagError(f"{name}: {exc}") from exc
+        raise
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +85,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from repe.models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return _flag(
+        f"--model {args.model}" if args.model else "the embedded model",
+        load_model,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -75,10 +148,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from repe.capture import capture
+    from repe.positions import as_policy
 
+    def read() -> list[str]:
+        with open(args.texts, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+
+    texts = _flag(args.texts, read)
+    if not texts:
+        raise _FlagError(f"{args.texts}: no text in the file (one text per line)")
+    _flag("--positions", as_policy, args.positions)
     lm = _load(args)
-    texts = [line.rstrip("\n") for line in open(args.texts, encoding="utf-8") if line.strip()]
-    acts = capture(
+    from repe.sites import resolve_sites
+
+    _flag("--sites", resolve_sites, args.sites.split(","), lm.n_layers)
+    acts = _flag(
+        "--out",
+        capture,
         lm,
         texts,
         args.sites.split(","),
@@ -99,9 +185,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from steering.spec import SteeringSpec
 
     lm = _load(args)
-    direction = Direction.load(args.vector, model=lm)
+    direction = _flag(f"--vector {args.vector}", Direction.load, args.vector, model=lm)
     if args.sites:
-        direction = direction.select(args.sites.split(","))
+        direction = _flag("--sites", direction.select, args.sites.split(","))
     elif args.best_site_only and direction.best_site:
         direction = direction.select(direction.best_site)
     if args.scale == "relative" and not is_calibrated(direction):
@@ -141,9 +227,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from steering.export import export, llama_cpp_command
     from steering.spec import SteeringSpec
 
-    direction = Direction.load(args.vector)
+    direction = _flag(args.vector, Direction.load, args.vector)
     if args.sites:
-        direction = direction.select(args.sites.split(","))
+        direction = _flag("--sites", direction.select, args.sites.split(","))
     if args.scale == "relative" and not is_calibrated(direction):
         direction = calibrate(_load(args), direction)
     coeff = args.coeff if args.coeff is not None else (direction.recommended_coeff or 1.0)
@@ -153,7 +239,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             print("note: block 0 cannot be carried by llama.cpp; dropped it")
             direction = direction.select(keep)
     spec = SteeringSpec(direction, coeff=coeff, scale=args.scale)
-    out = export(spec, args.output, args.format, fold_coeff=args.fold)
+    out = _flag(
+        f"--output {args.output}", export, spec, args.output, args.format, fold_coeff=args.fold
+    )
     print(f"wrote {out} ({args.format})")
     if args.format == "gguf":
         layers = [parse_site(s).layer for s in direction.sites]
@@ -167,7 +255,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from probes.run import run_probe
+    from repe.positions import as_policy
 
+    _flag("--positions", as_policy, args.positions)
+    if args.concept:
+        from probes.run import resolve_concept
+
+        _flag("--concept", resolve_concept, args.concept)
     lm = _load(args)
     report = run_probe(
         lm,
@@ -190,16 +284,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from repe.datasets import load_caa_items
     from repe.directions import Direction
     from steering.sweep import coeff_layer_sweep
 
+    _flag("--behaviour", load_caa_items, args.behaviour)
     lm = _load(args)
-    direction = Direction.load(args.vector, model=lm) if args.vector else None
+    bad = [x for x in args.layers if not 0 <= x < lm.n_layers]
+    if bad:
+        raise _FlagError(f"--layers: {bad} out of range for a model of {lm.n_layers} blocks")
+    direction = (
+        _flag(f"--vector {args.vector}", Direction.load, args.vector, model=lm)
+        if args.vector
+        else None
+    )
     report = coeff_layer_sweep(
         lm,
         args.behaviour,
-        [int(x) for x in args.layers.split(",")],
-        [float(x) for x in args.coeffs.split(",")],
+        args.layers,
+        args.coeffs,
         kl_budget=args.kl_budget,
         n_items=args.items,
         n_pairs=args.pairs,
@@ -246,12 +349,12 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="repe", description="representation-engineering workbench")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="repe", description="representation-engineering workbench")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("quickstart", help="honesty separation per layer on the embedded model")
     _add_model_args(p)
-    p.add_argument("--pairs", type=int, default=256, help="number of contrast pairs to use")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pairs", type=_positive_int, default=256, help="number of contrast pairs")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.set_defaults(func=cmd_quickstart)
     p = sub.add_parser("app", help="serve the Streamlit workbench on the embedded model")
     p.add_argument("--port", type=int, default=8501)
@@ -263,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("capture", help="capture activations of a text file (one text per line)")
     _add_model_args(p)
-    p.add_argument("texts")
+    p.add_argument("texts", type=_existing_file)
     p.add_argument("--sites", default="blocks.*.hook_resid_post")
     p.add_argument("--positions", default="last")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--backend", default="hf", choices=["hf", "transformer_lens", "nnsight"])
     p.add_argument("--out", required=True, help="output folder (safetensors shards + meta.json)")
     p.add_argument(
@@ -281,21 +384,30 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--concept", help="a shipped concept (e.g. honesty, caa/sycophancy, emotions/happiness)"
     )
-    src.add_argument("--data", help="a contrast-pairs file (CSV/JSONL with positive,negative)")
+    src.add_argument(
+        "--data",
+        type=_existing_file,
+        help="a contrast-pairs file (CSV/JSONL with positive,negative)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--readers", default="mean_diff,pca_diff,lat,logistic,random")
     p.add_argument("--sites", default="blocks.*.hook_resid_post")
     p.add_argument("--positions", default="last")
-    p.add_argument("--max-pairs", type=int, default=300)
+    p.add_argument("--max-pairs", type=_positive_int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("steer", help="baseline and steered completions of prompts")
     _add_model_args(p)
     p.add_argument("prompts", nargs="+", help="user prompts (each answered as a chat)")
-    p.add_argument("--vector", required=True, help="direction artifact (.safetensors or .json)")
+    p.add_argument(
+        "--vector",
+        required=True,
+        type=_existing_file,
+        help="direction artifact (.safetensors or .json)",
+    )
     p.add_argument(
         "--coeff",
         type=float,
@@ -323,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="steer every site of the vector (default: its best site when recorded)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -334,14 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--behaviour", required=True, help="a CAA behaviour, e.g. sycophancy")
     p.add_argument(
-        "--vector", default=None, help="direction to sweep (default: build a CAA vector)"
+        "--vector",
+        default=None,
+        type=_existing_file,
+        help="direction to sweep (default: build a CAA vector)",
     )
-    p.add_argument("--layers", default="8,11,14")
-    p.add_argument("--coeffs", default="-0.2,-0.1,0,0.1,0.2", help="write --coeffs=-0.2,0,0.2")
+    p.add_argument("--layers", type=_int_list, default=[8, 11, 14], help="e.g. 8,11,14")
+    p.add_argument(
+        "--coeffs",
+        type=_float_list,
+        default=[-0.2, -0.1, 0.0, 0.1, 0.2],
+        help="write --coeffs=-0.2,0,0.2",
+    )
     p.add_argument("--scale", default="relative", choices=["relative", "unit", "mean_diff", "raw"])
     p.add_argument("--kl-budget", type=float, default=0.1)
-    p.add_argument("--items", type=int, default=40, help="held-out A/B items")
-    p.add_argument("--pairs", type=int, default=64, help="training pairs for the CAA vector")
+    p.add_argument("--items", type=_positive_int, default=40, help="held-out A/B items")
+    p.add_argument(
+        "--pairs", type=_positive_int, default=64, help="training pairs for the CAA vector"
+    )
     p.add_argument(
         "--form",
         default="ab",
@@ -349,14 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score answer letters (CAA's A/B, default) or answer texts (cloze: for models that do "
         "not read A/B options; the default vector is then built from answer texts)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", default=None, help="save the vector with its recommended coefficient")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser(
         "export", help="export a direction for serving (gguf, pt, spec, safetensors)"
     )
     _add_model_args(p)
-    p.add_argument("vector", help="direction artifact (.safetensors or .json)")
+    p.add_argument("vector", type=_existing_file, help="direction artifact (.safetensors or .json)")
     p.add_argument("--format", required=True, choices=["gguf", "pt", "spec", "safetensors"])
     p.add_argument("-o", "--output", required=True)
     p.add_argument(
@@ -384,13 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from repe.errors import RepeError
-
-    args = build_parser().parse_args(argv)
+    """Run one command; any failure is one line on stderr (``repe <command>: error: ...``), exit 2."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line argument error (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
-    except (RepeError, ValueError, OSError) as exc:
-        print(f"repe: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as one line
+        from repe.errors import RepeError
+
+        known = (_FlagError, RepeError, ValueError, OSError, KeyError, LookupError)
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        if not isinstance(exc, known):
+            msg = f"{type(exc).__name__}: {msg}"
+        msg = " ".join(msg.split())  # one line
+        print(f"repe {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

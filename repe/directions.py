@@ -80,6 +80,14 @@ class Direction:
     def select(self, sites: Iterable[str] | str) -> Direction:
         """A copy restricted to some sites."""
         names = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [n for n in names if n not in self.vectors]
+        if unknown:
+            raise ValueError(
+                f"{self.name!r} has no vector at {', '.join(unknown)}; its sites: "
+                f"{', '.join(self.sites)}"
+            )
+        if not names:
+            raise ValueError("select() needs at least one site")
         return replace(
             self,
             vectors={s: self[s] for s in names},

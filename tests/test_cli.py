@@ -179,3 +179,89 @@ def test_sweep_in_cloze_form(tmp_path, capsys):
     assert "Cloze sweep myopic-reward: 6 held-out items" in out
     assert "A/B control" not in out  # the letter control belongs to the A/B form
     assert "layer   coeff   cloze" in out
+
+
+# ---- every bad input is one line naming the flag or file ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, embedded_lm):
+    d = tmp_path_factory.mktemp("cli")
+    Direction(
+        {"blocks.14.hook_resid_post": torch.randn(576)}, embedded_lm.identity, name="v"
+    ).normalized().save(d / "v")
+    (d / "texts.txt").write_text("one\ntwo\n")
+    (d / "empty.txt").write_text("\n\n")
+    (d / "garbage.json").write_text("{not json")
+    (d / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    (d / "pairs.jsonl").write_text('{"positive": "a", "negative": "b"}\n{"positive": 3\n')
+    (d / "set").mkdir()
+    (d / "set" / "meta.json").write_text("{}")
+    return d
+
+
+BAD = [
+    (["quickstart", "--pairs", "x"], "--pairs"),
+    (["quickstart", "--batch-size", "0"], "--batch-size"),
+    (["info", "--model", "{d}/no-such-model"], "no-such-model"),
+    (["capture", "{d}/missing.txt", "--out", "{d}/o"], "missing.txt"),
+    (["capture", "{d}/empty.txt", "--out", "{d}/o"], "empty.txt"),
+    (["capture", "{d}/texts.txt", "--out", "{d}/o", "--positions", "middle"], "--positions"),
+    (
+        ["capture", "{d}/texts.txt", "--out", "{d}/o", "--sites", "blocks.99.hook_resid_post"],
+        "--sites",
+    ),
+    (
+        ["capture", "{d}/texts.txt", "--out", "{d}/set", "--sites", "blocks.1.hook_resid_post"],
+        "--out",
+    ),
+    (["probe", "--concept", "no-such-concept", "--out", "{d}/p"], "--concept"),
+    (["probe", "--data", "{d}/missing.jsonl", "--out", "{d}/p"], "missing.jsonl"),
+    (["probe", "--data", "{d}/pairs.jsonl", "--out", "{d}/p"], "pairs.jsonl"),
+    (["probe", "--concept", "honesty", "--out", "{d}/p", "--positions", "middle"], "--positions"),
+    (["probe", "--concept", "honesty", "--out", "{d}/p", "--max-pairs", "0"], "--max-pairs"),
+    (["steer", "--vector", "{d}/missing", "--coeff", "1", "hi"], "missing"),
+    (["steer", "--vector", "{d}/garbage", "--coeff", "1", "hi"], "garbage"),
+    (["steer", "--vector", "{d}/v", "--coeff", "x", "hi"], "--coeff"),
+    (
+        ["steer", "--vector", "{d}/v", "--coeff", "1", "--sites", "blocks.3.hook_resid_post", "hi"],
+        "--sites",
+    ),
+    (["steer", "--vector", "{d}/v", "--coeff", "1", "--operator", "multiply", "hi"], "--operator"),
+    (["sweep", "--behaviour", "no-such-behaviour"], "--behaviour"),
+    (["sweep", "--behaviour", "refusal", "--layers", "a,b"], "--layers"),
+    (["sweep", "--behaviour", "refusal", "--layers", "99"], "--layers"),
+    (["sweep", "--behaviour", "refusal", "--coeffs=x"], "--coeffs"),
+    (["sweep", "--behaviour", "refusal", "--vector", "{d}/missing"], "missing"),
+    (["export", "{d}/missing", "--format", "gguf", "-o", "{d}/x.gguf"], "missing"),
+    (["export", "{d}/garbage", "--format", "gguf", "-o", "{d}/x.gguf"], "garbage"),
+    (["export", "{d}/v", "--format", "xyz", "-o", "{d}/x"], "--format"),
+    (
+        [
+            "export",
+            "{d}/v",
+            "--format",
+            "spec",
+            "-o",
+            "{d}/x.json",
+            "--scale",
+            "unit",
+            "--sites",
+            "nope",
+        ],
+        "--sites",
+    ),
+    (["app", "--port", "x"], "--port"),
+    (["no-such-command"], "no-such-command"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD, ids=[" ".join(a[:2]) + f" ({n})" for a, n in BAD])
+def test_bad_input_is_one_line_naming_the_flag_or_file(files, capsys, argv, names):
+    rc = main([a.format(d=files) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err  # one line, the last
+    assert "Traceback" not in err and errors[0].startswith("repe")
+    assert names in errors[0], err
