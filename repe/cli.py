@@ -80,6 +80,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let a hub id in --model download (default: only what is already on this machine)",
+    )
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
@@ -91,6 +96,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
         args.model,
         device=args.device,
         dtype=args.dtype,
+        allow_download=args.allow_download,
     )
 
 

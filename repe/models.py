@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from repe.atomic import replace_dir, temp_dir_beside
-from repe.errors import ModelNotAvailableError, RepeError
+from repe.errors import DataFormatError, ModelNotAvailableError, RepeError
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +30,69 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LAYERS_TEMPLATE = "model.layers.{L}"
 
 
+_ID_KEYS = ("name", "architecture", "n_layers", "d_model", "vocab_size")
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What an artifact records about the model it was made on, and checks when loaded."""
+    """What an artifact records about the model it was made on, and checks when loaded.
+
+    ``config_hash`` digests the model's configuration and every weight's shape; ``weights_hash`` digests
+    a sample of the weight values (rounded to bfloat16, so the same weights loaded in float32 or
+    bfloat16 agree). Where both sides carry them, they decide: two fine-tunes in folders of the same
+    name differ, and the same model loaded from another folder (another name) matches. Identities
+    without them (older artifacts) are compared by name."""
 
     name: str
     architecture: str
     n_layers: int
     d_model: int
     vocab_size: int
+    config_hash: str | None = None
+    weights_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
-        return cls(
-            **{k: d[k] for k in ("name", "architecture", "n_layers", "d_model", "vocab_size")}
-        )
+        if not isinstance(d, dict):
+            raise DataFormatError(f"model identity must be an object; got {type(d).__name__}")
+        missing = [k for k in _ID_KEYS if k not in d]
+        if missing:
+            raise DataFormatError(f"model identity is missing {', '.join(map(repr, missing))}")
+        try:
+            return cls(
+                name=str(d["name"]),
+                architecture=str(d["architecture"]),
+                n_layers=int(d["n_layers"]),
+                d_model=int(d["d_model"]),
+                vocab_size=int(d["vocab_size"]),
+                config_hash=d.get("config_hash"),
+                weights_hash=d.get("weights_hash"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise DataFormatError(f"model identity has a malformed value ({exc})") from exc
 
     def mismatches(self, other: ModelIdentity) -> list[str]:
         """Human-readable differences between two identities (empty when they agree)."""
         out = []
-        for key in ("name", "architecture", "n_layers", "d_model", "vocab_size"):
+        for key in _ID_KEYS[1:]:
             a, b = getattr(self, key), getattr(other, key)
             if a != b:
                 out.append(f"{key}: {a!r} != {b!r}")
+        if self.config_hash and other.config_hash and self.config_hash != other.config_hash:
+            out.append(
+                f"configuration or weight shapes differ ({self.config_hash} != {other.config_hash})"
+            )
+        if self.weights_hash and other.weights_hash:
+            if self.weights_hash != other.weights_hash:
+                out.append(
+                    f"weights differ ({self.weights_hash} != {other.weights_hash}): another "
+                    "checkpoint or fine-tune"
+                )
+        elif self.name != other.name:
+            out.append(f"name: {self.name!r} != {other.name!r}")
         return out
 
 
@@ -72,6 +109,10 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token is None:
+            # a copy: the caller's tokenizer object is never changed
+            import copy
+
+            self.tokenizer = copy.deepcopy(self.tokenizer)
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._layers = find_layers(self.model, self.layers_template)
 
@@ -129,6 +170,32 @@ def find_layers(model: nn.Module, template: str = DEFAULT_LAYERS_TEMPLATE) -> li
     return list(parent)
 
 
+_SKIP_CONFIG = {"_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version"}
+
+
+def _config_hash(model: nn.Module) -> str:
+    cfg: Any = model.config
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    keep = {k: v for k, v in d.items() if k not in _SKIP_CONFIG and not k.startswith("_")}
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    blob = json.dumps([keep, shapes], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _weights_hash(model: nn.Module, per_tensor: int = 64) -> str | None:
+    """Digest of the first ``per_tensor`` values of every parameter, rounded to bfloat16; None where
+    the weights are not in memory (meta / offloaded)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                return None
+            sample = p.detach().reshape(-1)[:per_tensor].to("cpu", torch.bfloat16).float()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def identity_of(model: nn.Module, name: str) -> ModelIdentity:
     cfg: Any = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -139,6 +206,8 @@ def identity_of(model: nn.Module, name: str) -> ModelIdentity:
         n_layers=int(text_cfg.num_hidden_layers),
         d_model=int(text_cfg.hidden_size),
         vocab_size=int(text_cfg.vocab_size),
+        config_hash=_config_hash(model),
+        weights_hash=_weights_hash(model),
     )
 
 
@@ -238,11 +307,12 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     layers_template: str = DEFAULT_LAYERS_TEMPLATE,
     attn_implementation: str | None = None,
+    allow_download: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for reading and steering.
 
     ``load_model()`` gives the embedded SmolLM2-135M-Instruct. Otherwise pass a local HF folder or a hub
-    id already in the local HF cache (nothing is downloaded when ``HF_HUB_OFFLINE=1``). ``device`` and
+    id already in the local HF cache: nothing is downloaded unless ``allow_download=True``. ``device`` and
     ``dtype`` (e.g. ``"cuda"``, ``torch.bfloat16``) are honoured; large models load with ``device_map``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,13 +327,13 @@ def load_model(
     else:
         folder = str(name_or_path)
         name = Path(folder).name if Path(folder).exists() else folder
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": not allow_download}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=not allow_download)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelNotAvailableError(
@@ -315,8 +385,10 @@ def tiny_model(
         eos_token_id=tokenizer.eos_token_id,
     )
     cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    # seeded without touching torch's global generator (the caller's random state is theirs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
     # random init with std 0.02 gives tiny activations; scale up so numerics resemble a real model
     with torch.no_grad():
         for p in model.parameters():

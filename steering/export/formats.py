@@ -22,7 +22,7 @@ from repe.directions import Direction
 from repe.errors import DataFormatError
 from repe.models import ModelIdentity
 from repe.sites import Site, parse_site
-from steering.spec import SteeringSpec
+from steering.spec import Condition, SteeringSpec
 
 SPEC_KIND = "steering_spec"
 SPEC_VERSION = 1
@@ -112,10 +112,23 @@ def import_lmeval_pt(
     for hookpoint, info in data.items():
         if not isinstance(info, dict) or "steering_vector" not in info:
             raise DataFormatError(f"{path}: entry {hookpoint!r} lacks 'steering_vector'")
-        site = _site_of_hookpoint(str(hookpoint))
-        vectors[site.name] = info["steering_vector"].float()
-        coeffs[site.name] = float(info.get("steering_coefficient", 1.0))
-        actions.add(info.get("action", "add"))
+        try:
+            site = _site_of_hookpoint(str(hookpoint))
+        except (ValueError, KeyError) as exc:
+            raise DataFormatError(
+                f"{path}: hookpoint {hookpoint!r} is not understood ({exc})"
+            ) from exc
+        vec = info["steering_vector"]
+        if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
+            raise DataFormatError(f"{path}: {hookpoint!r}['steering_vector'] must be a 1-D tensor")
+        vectors[site.name] = vec.float()
+        try:
+            coeffs[site.name] = float(info.get("steering_coefficient", 1.0))
+        except (TypeError, ValueError) as exc:
+            raise DataFormatError(
+                f"{path}: {hookpoint!r}['steering_coefficient'] is not a number"
+            ) from exc
+        actions.add(str(info.get("action", "add")))
     if len(actions) != 1:
         raise DataFormatError(f"{path}: mixed actions {sorted(actions)} are not supported")
     d = Direction(
@@ -158,6 +171,11 @@ def export_spec_json(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
             s: [float(x) for x in d[s].detach().float().cpu().tolist()] for s in spec.site_list()
         },
     }
+    if spec.condition is not None:  # the condition's unit vector, so the spec re-imports whole
+        c = spec.condition
+        payload["condition_vector"] = [
+            float(x) for x in c.direction.normalized()[c.site].detach().float().cpu().tolist()
+        ]
     for s in spec.site_list():
         if not torch.isfinite(d[s]).all():
             raise ValueError(f"{s}: vector contains NaN or inf")
@@ -188,26 +206,56 @@ def import_spec_json(path: str | os.PathLike[str]) -> SteeringSpec:
         raise DataFormatError(
             f"{p}: steering spec format_version {data.get('format_version')!r} is not supported"
         )
+
+    def need(obj: Any, key: str, where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise DataFormatError(f"{p}: malformed steering spec: missing {where}{key!r}")
+        return obj[key]
+
+    meta = need(data, "direction", "")
+    raw_vectors = need(data, "vectors", "")
+    iv = need(data, "intervention", "")
     try:
-        meta = data["direction"]
-        vectors = {s: torch.tensor(v, dtype=torch.float32) for s, v in data["vectors"].items()}
-        iv = data["intervention"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataFormatError(f"{p}: malformed steering spec ({exc})") from exc
+        vectors = {s: torch.tensor(v, dtype=torch.float32) for s, v in raw_vectors.items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DataFormatError(f"{p}: malformed steering spec: 'vectors' ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{p}: malformed steering spec: 'direction' must be an object")
     meta = {**meta, "sites": sorted(vectors)}
     d = Direction.from_parts(vectors, {"kind": "direction", "format_version": 1, **meta})
-    positions = (
-        iv["positions"] if isinstance(iv["positions"], str) else [int(i) for i in iv["positions"]]
-    )
-    if iv.get("condition") is not None:
-        raise DataFormatError(
-            f"{p}: conditional specs need the condition direction; not supported in JSON"
+    fields = {k: need(iv, k, "intervention.") for k in ("positions", "coeff", "operator", "scale")}
+    fields["sites"] = need(iv, "sites", "intervention.")
+    try:
+        positions = (
+            fields["positions"]
+            if isinstance(fields["positions"], str)
+            else [int(i) for i in fields["positions"]]
         )
+        coeff = {str(k): float(v) for k, v in dict(fields["coeff"]).items()}
+        sites = [str(s) for s in fields["sites"]]
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{p}: malformed steering spec: 'intervention' ({exc})") from exc
+    condition = None
+    cond = iv.get("condition")
+    if cond is not None:
+        cvec = need(data, "condition_vector", "")
+        csite = str(need(cond, "site", "intervention.condition."))
+        try:
+            cdir = Direction(
+                {csite: torch.tensor(cvec, dtype=torch.float32)},
+                d.identity,
+                name=str(cond.get("direction", "condition")),
+            )
+            threshold = float(need(cond, "threshold", "intervention.condition."))
+        except (TypeError, ValueError) as exc:
+            raise DataFormatError(f"{p}: malformed steering spec: condition ({exc})") from exc
+        condition = Condition(cdir, csite, threshold, bool(cond.get("above", True)))
     return SteeringSpec(
         d,
-        coeff=dict(iv["coeff"]),
-        operator=iv["operator"],
+        coeff=coeff,
+        operator=str(fields["operator"]),
         positions=positions,
-        scale=iv["scale"],
-        sites=list(iv["sites"]),
+        scale=str(fields["scale"]),
+        sites=sites,
+        condition=condition,
     )

@@ -181,9 +181,15 @@ def import_gguf(
     """
     vectors, meta = read_gguf(path)
     d_model = next(iter(vectors.values())).shape[0]
-    own = meta.get("repe", {}).get("direction")
+    repe_meta = meta.get("repe", {})
+    own = repe_meta.get("direction") if isinstance(repe_meta, dict) else None
+    if own is not None and (not isinstance(own, dict) or "model" not in own):
+        raise DataFormatError(f"{path}: {META_KEY} has no 'direction.model' (the model identity)")
     if own is not None:
-        ident = ModelIdentity.from_dict(own["model"])
+        try:
+            ident = ModelIdentity.from_dict(own["model"])
+        except DataFormatError as exc:
+            raise DataFormatError(f"{path}: {META_KEY} direction.model: {exc}") from exc
         if identity is not None and identity.mismatches(ident):
             from repe.artifacts import check_identity
 
@@ -206,8 +212,11 @@ def import_gguf(
         Site(layer, "resid_post").name: torch.from_numpy(v.copy()) for layer, v in vectors.items()
     }
     if own is not None:
-        folded = meta["repe"].get("folded_coeff")
-        d = Direction.from_parts(tensors, {"kind": "direction", "format_version": 1, **own})
+        folded = repe_meta.get("folded_coeff")
+        try:
+            d = Direction.from_parts(tensors, {"kind": "direction", "format_version": 1, **own})
+        except DataFormatError as exc:
+            raise DataFormatError(f"{path}: {META_KEY}: {exc}") from exc
         if folded is not None:
             d = Direction(
                 vectors=d.vectors,
