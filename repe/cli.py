@@ -325,14 +325,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def app_command(args: argparse.Namespace) -> list[str]:
-    """The ``streamlit run`` command line that serves the workbench app (``app/main.py``)."""
+    """The ``streamlit run`` command line that serves the workbench app (``app/main.py``, shipped in
+    the package beside ``repe``)."""
+    import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    spec = importlib.util.find_spec("app")
+    folder = (
+        Path(next(iter(spec.submodule_search_locations)))
+        if spec is not None and spec.submodule_search_locations
+        else Path(__file__).resolve().parents[1] / "app"
+    )
+    script = folder / "main.py"
     if not script.is_file():
         raise FileNotFoundError(
-            f"the app is not here ({script}): it ships with the repository checkout, not the wheel; "
-            "clone the repository and run ./dev app"
+            f"the app is not installed ({script} is missing): pip install 'repe-workbench[app]'"
         )
     cmd = [sys.executable, "-m", "streamlit", "run", str(script)]
     cmd += [f"--server.port={args.port}", f"--server.address={args.address}"]
