@@ -435,7 +435,9 @@ def sweep(
             N = raw_n.detach().to("cpu", torch.float64).flatten(1)
             stats[site] = {
                 "mean_diff_norm": float((P[tr].mean(0) - N[tr].mean(0)).norm()),
-                "resid_norm": float(torch.cat([P, N]).norm(dim=1).mean()),
+                # the contrast data's own activation norm; not the calibrated "resid_norm" that
+                # scale="relative" uses (only steering.calibrate writes that)
+                "contrast_norm": float(torch.cat([P, N]).norm(dim=1).mean()),
             }
             layer = parse_site(site).layer
             by_site[site] = []

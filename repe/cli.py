@@ -186,23 +186,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from repe.directions import Direction
-    from steering.calibrate import calibrate, is_calibrated
+    from steering.defaults import calibrated, default_coeff, default_sites
     from steering.generate import GenerationConfig, compare
     from steering.spec import SteeringSpec
 
     lm = _load(args)
     direction = _flag(f"--vector {args.vector}", Direction.load, args.vector, model=lm)
-    if args.sites:
-        direction = _flag("--sites", direction.select, args.sites.split(","))
-    elif args.best_site_only and direction.best_site:
-        direction = direction.select(direction.best_site)
-    if args.scale == "relative" and not is_calibrated(direction):
-        direction = calibrate(lm, direction)
-    coeff = args.coeff if args.coeff is not None else direction.recommended_coeff
-    if coeff is None:
-        raise ValueError(
-            "pass --coeff (the vector has no recommended coefficient; run `repe sweep`)"
-        )
+    sites = args.sites.split(",") if args.sites else None
+    direction, where = _flag("--sites", default_sites, direction, sites, not args.best_site_only)
+    coeff, how = default_coeff(direction, args.coeff)
+    direction = calibrated(lm, direction, args.scale)
     spec = SteeringSpec(
         direction, coeff=coeff, operator=args.operator, scale=args.scale, positions=args.positions
     )
@@ -213,8 +206,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(
-        f"steering {direction.name} at {', '.join(direction.sites)}: operator {args.operator}, "
-        f"coeff {coeff} ({args.scale} scale), positions {args.positions}"
+        f"steering {direction.name} at {where}; {how} ({args.scale} scale); operator "
+        f"{args.operator}, positions {args.positions}"
     )
     for row in compare(lm, args.prompts, spec, cfg):
         print(
@@ -229,16 +222,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from repe.directions import Direction
     from repe.models import embedded_gguf_path
     from repe.sites import parse_site
-    from steering.calibrate import calibrate, is_calibrated
+    from steering.defaults import calibrated, default_coeff, default_sites
     from steering.export import export, llama_cpp_command
     from steering.spec import SteeringSpec
 
     direction = _flag(args.vector, Direction.load, args.vector)
-    if args.sites:
-        direction = _flag("--sites", direction.select, args.sites.split(","))
-    if args.scale == "relative" and not is_calibrated(direction):
-        direction = calibrate(_load(args), direction)
-    coeff = args.coeff if args.coeff is not None else (direction.recommended_coeff or 1.0)
+    sites = args.sites.split(",") if args.sites else None
+    direction, where = _flag("--sites", default_sites, direction, sites, args.all_sites)
+    coeff, how = default_coeff(direction, args.coeff)
+    if args.scale == "relative":
+        direction = calibrated(_load(args), direction, args.scale)
     if args.format == "gguf" and args.skip_block0:
         keep = [s for s in direction.sites if parse_site(s).layer >= 1]
         if len(keep) != len(direction.sites):
@@ -248,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = _flag(
         f"--output {args.output}", export, spec, args.output, args.format, fold_coeff=args.fold
     )
-    print(f"wrote {out} ({args.format})")
+    print(f"wrote {out} ({args.format}): {where}; {how} ({args.scale} scale)")
     if args.format == "gguf":
         layers = [parse_site(s).layer for s in direction.sites]
         model = args.gguf_model or (
@@ -498,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--coeff",
         type=float,
         default=None,
-        help="strength (default: the recommended coefficient, else 1)",
+        help="strength (default: the vector's recommended coefficient; required without one)",
     )
     p.add_argument("--scale", default="relative", choices=["relative", "unit", "mean_diff", "raw"])
     p.add_argument(
@@ -506,7 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="gguf: fold the coefficient into the vectors (else use --control-vector-scaled)",
     )
-    p.add_argument("--sites", default=None, help="comma-separated subset of sites")
+    p.add_argument(
+        "--sites",
+        default=None,
+        help="comma-separated sites (default: the best site, see --all-sites)",
+    )
+    p.add_argument(
+        "--all-sites",
+        action="store_true",
+        help="export every site of the vector (default: its best site when recorded)",
+    )
     p.add_argument(
         "--keep-block0",
         dest="skip_block0",

@@ -28,7 +28,9 @@ SIGN_CONVENTION = "positive projection = concept present"
 class Direction:
     """Per-site vectors (``{site: tensor[*site_shape]}``) plus what they are and where they came from.
 
-    ``normalisation`` is ``"unit"`` when every vector has norm 1 (readers' output) and ``"raw"`` otherwise.
+    ``normalisation`` is ``"unit"`` when every vector has norm 1 (readers' output), ``"weighted"`` for a
+    weighted combination of unit directions (``0.5 * a + b``: the weights set the steering strength, see
+    :func:`steering.spec.strength`) and ``"raw"`` otherwise.
     ``stats`` holds per-site numbers that give a coefficient meaning (e.g. ``resid_norm``: the typical
     residual-stream norm on neutral text; ``mean_diff_norm``: the raw contrast size).
     """
@@ -139,7 +141,10 @@ class Direction:
                 "expression": f"({self.name} {op} {other.name})",
                 "operands": [self.name, other.name],
             },
-            normalisation="raw",
+            normalisation="weighted"
+            if self.normalisation in ("unit", "weighted")
+            and other.normalisation in ("unit", "weighted")
+            else "raw",
             stats=self.stats,
         )
 
@@ -158,7 +163,9 @@ class Direction:
             name=f"{c:g}*{self.name}",
             method="algebra",
             params={"expression": f"{c:g}*{self.name}", "operands": [self.name]},
-            normalisation="raw" if c != 1 else self.normalisation,
+            normalisation=self.normalisation
+            if c == 1
+            else ("weighted" if self.normalisation in ("unit", "weighted") else "raw"),
             recommended_coeff=None,
         )
 

@@ -33,16 +33,41 @@ def residual_norms(
     return out
 
 
+STATISTIC = "median per-token L2 norm, first token of each text left out"
+
+
+def calibration_source(texts: Sequence[str] | None = None) -> str:
+    """What a calibrated ``resid_norm`` was measured on: the statistic and the text set's fingerprint."""
+    from repe.batching import fingerprint
+
+    which = "neutral" if texts is None else "custom"
+    return f"{STATISTIC}; {which} texts {fingerprint(list(texts) if texts else load_neutral())}"
+
+
+def with_norms(
+    direction: Direction, norms: dict[str, float], texts: Sequence[str] | None = None
+) -> Direction:
+    """A copy of ``direction`` carrying calibrated ``resid_norm`` values per site, and their source in
+    ``params["calibration"]``."""
+    stats = {s: {**direction.stats.get(s, {}), "resid_norm": norms[s]} for s in direction.sites}
+    params = {**direction.params, "calibration": calibration_source(texts)}
+    return replace(direction, stats=stats, params=params)
+
+
 def calibrate(
     lm: LoadedModel, direction: Direction, texts: Sequence[str] | None = None
 ) -> Direction:
-    """A copy of ``direction`` with ``stats[site]["resid_norm"]`` measured on ``lm``."""
+    """A copy of ``direction`` with ``stats[site]["resid_norm"]`` measured on ``lm``: the median per-token
+    norm of the activation at the site over neutral text (``texts``), recorded with its source. This is
+    the only statistic ``scale="relative"`` uses, and only this function writes it."""
     direction.check_compatible(lm)
-    norms = residual_norms(lm, direction.sites, texts)
-    stats = {s: {**direction.stats.get(s, {}), "resid_norm": norms[s]} for s in direction.sites}
-    return replace(direction, stats=stats)
+    return with_norms(direction, residual_norms(lm, direction.sites, texts), texts)
 
 
 def is_calibrated(direction: Direction) -> bool:
-    """True when every site of ``direction`` carries its measured ``resid_norm``."""
-    return all("resid_norm" in direction.stats.get(s, {}) for s in direction.sites)
+    """True when every site of ``direction`` carries a ``resid_norm`` written by :func:`calibrate`
+    (a value without its source, e.g. from an older probe sweep, does not count)."""
+    source = str(direction.params.get("calibration", ""))
+    return source.startswith(STATISTIC) and all(
+        "resid_norm" in direction.stats.get(s, {}) for s in direction.sites
+    )

@@ -5,10 +5,14 @@ turns it into tensors on the model's device.
 Scales give the coefficient a meaning that holds across layers, readers and models:
 
 * ``relative`` (default): ``coeff`` is a fraction of the typical residual-stream norm at the site,
-  measured on neutral text (``stats[site]["resid_norm"]``, see :func:`steering.calibrate.calibrate`).
+  measured on neutral text by :func:`steering.calibrate.calibrate` (``stats[site]["resid_norm"]``;
+  nothing else writes that statistic).
 * ``unit``: ``coeff`` multiplies the unit direction (repeng's convention).
 * ``mean_diff``: ``coeff`` multiplies the raw class-mean difference (CAA / steering-vectors' convention).
 * ``raw``: ``coeff`` multiplies the stored vector as it is.
+
+Weights: a weighted combination of fitted directions (``0.5 * a + 2 * b``) steers with its weights in
+every scale (see :func:`strength`).
 """
 
 from __future__ import annotations
@@ -104,6 +108,27 @@ def scale_factor(direction: Direction, site: str, scale: str, norm: float | None
     return float(stats[key])
 
 
+KEEPS_WEIGHT = ("unit", "weighted")
+
+
+def strength(direction: Direction, site: str, scale: str, norm: float | None = None) -> float:
+    """Length of the steering vector at ``site`` per unit of coefficient: ``coeff * strength`` is how far
+    the activation moves along the unit direction.
+
+    A direction fitted by a reader is a unit vector per site (``normalisation="unit"``); a weighted
+    combination of such directions (``0.5 * a + 2 * b``, ``normalisation="weighted"``) keeps its
+    weights: its length at a site (``|0.5 u_a + 2 u_b|``) multiplies the strength in every scale, so
+    ``0.5 * d`` steers half as hard as ``d``. A direction of any other length (imported raw vectors,
+    ``normalisation="raw"``) counts as its unit direction, except in ``scale="raw"``, where the stored
+    vector is used as it is."""
+    f = scale_factor(direction, site, scale, norm)
+    if scale != "raw" and direction.normalisation in KEEPS_WEIGHT:
+        n = float(direction[site].float().norm()) if norm is None else norm
+        if abs(n - 1.0) >= 1e-6:  # a unit vector stays exactly unit
+            f *= n
+    return f
+
+
 @dataclass(frozen=True)
 class ResolvedCondition:
     site: Site
@@ -196,7 +221,7 @@ def _site_tensors(
         lengths = []
         for n, norm in zip(names, norm_list, strict=True):
             c = spec.coeff_at(n)
-            lengths.append(c * scale_factor(spec.direction, n, spec.scale, norm) if c else 0.0)
+            lengths.append(c * strength(spec.direction, n, spec.scale, norm) if c else 0.0)
         lens = torch.tensor(lengths, dtype=us.dtype).view(column)
         for n, d, u, length in zip(
             names,

@@ -26,7 +26,7 @@ def test_algebra():
     c = 0.5 * a - b
     for s in SITES:
         assert torch.allclose(c[s], 0.5 * a[s] - b[s])
-    assert (a + b).normalisation == "raw"
+    assert (a + b).normalisation == "weighted"
     assert torch.equal((-a)[s], -a[s])
     assert torch.allclose((a - a)[SITES[0]], torch.zeros(64))
     assert "0.5*a" in c.name

@@ -372,7 +372,7 @@ def test_to_direction_round_trips_exactly(toy_sweep, tiny_lm, toy_dataset, tmp_p
         assert torch.equal(d[site], toy_sweep.fitted["mean_diff"][site].direction_)
         assert abs(float(d[site].norm()) - 1.0) < 1e-6
         assert set(d.stats[site]) == {"mean_diff_norm", "resid_norm", "threshold"}
-        assert d.stats[site]["mean_diff_norm"] > 0 and d.stats[site]["resid_norm"] > 0
+        assert d.stats[site]["mean_diff_norm"] > 0 and d.stats[site]["contrast_norm"] > 0
         assert d.metrics[site]["auroc"] == toy_sweep.score("mean_diff", site).auroc
     d.save(tmp_path / "yesno")
     back = Direction.load(tmp_path / "yesno", model=tiny_lm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import closing
-from dataclasses import astuple, replace
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
+from steering.calibrate import is_calibrated, with_norms
 from steering.cloze import cloze_eval_specs
 from steering.evaluate import ab_eval_specs, kl_from_base, paired_shift
 from steering.generate import GenerationConfig, generate_stream
@@ -125,26 +126,31 @@ def setting_ui(layers: list[int], current: SteerSettings) -> SteerSettings:
 
 
 def build_spec(state: AppState, library: dict[str, Direction], s: SteerSettings) -> SteeringSpec:
-    """The weighted sum of the chosen directions at the chosen layers, as a SteeringSpec."""
+    """The weighted sum of the chosen directions at the chosen layers, as a SteeringSpec. Each
+    direction counts as its unit vector (except in the raw scale), so the weights set the strength:
+    weight 0.5 steers half as hard as weight 1 (see ``steering.spec.strength``)."""
     if not s.direction_names:
         raise ValueError("choose at least one direction")
     if not s.layers:
         raise ValueError("choose at least one layer")
     sites = resid_post_sites(s.layers)
-    parts = [
-        w * library[n].select(sites) for n, w in zip(s.direction_names, s.weights, strict=True)
-    ]
+
+    def unit_part(name: str) -> Direction:
+        d = library[name].select(sites)
+        return d if s.scale == "raw" or d.normalisation == "unit" else d.normalized()
+
+    parts = [w * unit_part(n) for n, w in zip(s.direction_names, s.weights, strict=True)]
     combined = parts[0]
     for part in parts[1:]:
         combined = combined + part
     if len(parts) == 1 and s.weights[0] == 1.0:
         combined = library[s.direction_names[0]].select(sites)
-    if s.scale == "relative":
-        norms = resid_norms(state.model_path)
-        stats = {
-            site: {**combined.stats.get(site, {}), "resid_norm": norms[site]} for site in sites
-        }
-        combined = replace(combined, stats=stats)
+    if s.scale == "relative" and not is_calibrated(combined):
+        # the same calibration as steering.calibrate (same texts, same statistic), measured once per
+        # model for every site and cached; a direction that carries its calibration keeps it
+        combined = with_norms(
+            combined, {site: resid_norms(state.model_path)[site] for site in sites}
+        )
     return SteeringSpec(combined, coeff=s.coeff, operator=s.operator, scale=s.scale)
 
 

@@ -24,7 +24,7 @@ from steering.export.formats import (
     import_spec_json,
 )
 from steering.export.gguf import export_gguf, import_gguf, read_gguf
-from steering.spec import SteeringSpec, scale_factor
+from steering.spec import SteeringSpec, strength
 
 FORMATS = ("safetensors", "gguf", "pt", "spec")
 
@@ -35,7 +35,7 @@ def serving_direction(direction: Direction, scale: str = "relative") -> Directio
     vecs = {}
     for s in direction.sites:
         v = direction[s].float()
-        vecs[s] = v / v.norm().clamp(min=1e-12) * scale_factor(direction, s, scale)
+        vecs[s] = v / v.norm().clamp(min=1e-12) * strength(direction, s, scale)
     return replace(
         direction,
         vectors=vecs,

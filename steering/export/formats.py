@@ -61,7 +61,7 @@ def export_lmeval_pt(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
 
     The per-site scale is folded into the vector; ``steering_coefficient`` is the coefficient. Only the
     operators lm-evaluation-harness implements (add, clamp) and positions='all' can be carried."""
-    from steering.spec import scale_factor
+    from steering.spec import strength
 
     if spec.operator not in ("add", "clamp"):
         raise ValueError(
@@ -75,7 +75,7 @@ def export_lmeval_pt(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
         site = parse_site(name, d.identity.n_layers)
         v = d[name].detach().float().cpu()
         u = v / v.norm().clamp(min=1e-12)
-        factor = scale_factor(d, name, spec.scale)
+        factor = strength(d, name, spec.scale)
         c = spec.coeff_at(name)
         if spec.operator == "add":
             vec, coeff = u * factor, c
@@ -185,9 +185,9 @@ def export_spec_json(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
 
 
 def _scale(spec: SteeringSpec, site: str) -> float:
-    from steering.spec import scale_factor
+    from steering.spec import strength
 
-    return scale_factor(spec.direction, site, spec.scale)
+    return strength(spec.direction, site, spec.scale)
 
 
 def import_spec_json(path: str | os.PathLike[str]) -> SteeringSpec:
