@@ -12,14 +12,26 @@ Used by ``scripts/setup.sh``:
     python scripts/llama_cpp_build.py flags          # the CMAKE_ARGS for this machine's architecture
     python scripts/llama_cpp_build.py key            # cache key: version + hash of the flags
     python scripts/llama_cpp_build.py check WHEEL    # load the embedded GGUF, run ~100 tokens + generate
+    python scripts/llama_cpp_build.py sdist DIR      # the pinned sdist in DIR (downloaded once, verified)
+    python scripts/llama_cpp_build.py server DIR     # build llama-server from that sdist, once; its path
+
+llama.cpp's own ``llama-server`` is the deployment client for exported control vectors. It is built from
+the llama.cpp source vendored in the same pinned sdist (no other download), with the same portable CPU
+flags, as one static binary cached under ``DIR/llama-server-<key>/``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,8 +148,99 @@ def check(
     return 1
 
 
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+
+
+def sdist(folder: str | Path) -> Path:
+    """The pinned llama-cpp-python sdist in ``folder``: downloaded from PyPI once and checked against
+    the SHA-256 PyPI publishes for it."""
+    folder = Path(folder)
+    target = folder / SDIST
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json") as r:
+        info = json.load(r)
+    (entry,) = [u for u in info["urls"] if u["packagetype"] == "sdist"]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{SDIST}.", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(entry["url"]) as r, open(tmp, "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != entry["digests"]["sha256"]:
+            raise RuntimeError(f"{SDIST}: SHA-256 does not match PyPI's")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def server_args() -> list[str]:
+    """CMake arguments for llama-server: the portable CPU flags of the Python build, the server and
+    its tools on, no web UI (it would be downloaded), no curl / OpenSSL, one static binary."""
+    base = [a for a in cmake_args() if not a.startswith(("-DLLAMA_BUILD_", "-DLLAVA_BUILD"))]
+    return [
+        *base,
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DCMAKE_BUILD_TYPE=Release",
+    ]
+
+
+def server_path(folder: str | Path) -> Path:
+    return Path(folder) / f"llama-server-{cache_key(server_args())}" / "llama-server"
+
+
+def build_server(folder: str | Path) -> Path:
+    """``llama-server`` built from the sdist's vendored llama.cpp (once; cached by its flags)."""
+    target = server_path(folder)
+    if target.is_file():
+        return target
+    src = sdist(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(src) as tf:
+            tf.extractall(tmp, filter="data")
+        root = Path(tmp) / src.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+        build = Path(tmp) / "build"
+        subprocess.run(
+            ["cmake", "-S", str(root), "-B", str(build), *server_args()],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [
+                "cmake",
+                "--build",
+                str(build),
+                "--target",
+                "llama-server",
+                "-j",
+                str(os.cpu_count() or 2),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        built = next(build.rglob("llama-server"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(".llama-server.tmp")
+        shutil.copy2(built, staged)
+        os.replace(staged, target)
+    return target
+
+
 def main(argv: Sequence[str]) -> int:
-    if not argv or argv[0] not in {"version", "flags", "key", "check"}:
+    if not argv or argv[0] not in {"version", "flags", "key", "check", "sdist", "server"}:
         print(__doc__, file=sys.stderr)
         return 2
     if argv[0] == "version":
@@ -146,6 +249,11 @@ def main(argv: Sequence[str]) -> int:
         print(" ".join(cmake_args()))
     elif argv[0] == "key":
         print(cache_key())
+    elif argv[0] in ("sdist", "server"):
+        if len(argv) < 2:
+            print(f"usage: llama_cpp_build.py {argv[0]} DIR", file=sys.stderr)
+            return 2
+        print(sdist(argv[1]) if argv[0] == "sdist" else build_server(argv[1]))
     else:
         return check(argv[1] if len(argv) > 1 else None)
     return 0

@@ -26,14 +26,16 @@ LLAMA="$VENV/bin/python scripts/llama_cpp_build.py"
 LLAMA_CPP_VERSION="$($LLAMA version)"
 LLAMA_FLAGS="$($LLAMA flags)"
 LLAMA_KEY="$($LLAMA key)"
-WHEELS="${REPE_WHEEL_CACHE:-$HOME/.cache/repe/wheels}/llama-cpp-python-$LLAMA_KEY"
+BUILDS="${REPE_WHEEL_CACHE:-$HOME/.cache/repe/wheels}"
+WHEELS="$BUILDS/llama-cpp-python-$LLAMA_KEY"
 MARKER="$VENV/.llama-cpp-build"
 mkdir -p "$WHEELS"
 if [ "$(cat "$MARKER" 2>/dev/null)" != "$LLAMA_KEY" ] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $LLAMA_CPP_VERSION from source (once, about 4 minutes): $LLAMA_FLAGS"
+    SDIST="$($LLAMA sdist "$BUILDS")"  # the pinned sdist, downloaded once and checked (SHA-256)
     CMAKE_ARGS="$LLAMA_FLAGS" FORCE_CMAKE=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-      "${PIP[@]}" wheel --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
+      "${PIP[@]}" wheel --no-cache-dir --no-deps "$SDIST" -w "$WHEELS"
   fi
   rm -f "$MARKER"
   "${PIP[@]}" install --force-reinstall --no-deps --no-cache-dir \
@@ -44,6 +46,19 @@ if [ "$(cat "$MARKER" 2>/dev/null)" != "$LLAMA_KEY" ] || ! "$VENV/bin/python" -c
     exit 1
   fi
   echo "$LLAMA_KEY" >"$MARKER"
+fi
+# llama.cpp's own llama-server, built from the same sdist's vendored llama.cpp with the same portable
+# flags (once, a few minutes; cached beside the wheel): the deployment client of the export tests.
+SERVER_MARKER="$VENV/.llama-server"
+if [ ! -x "$(cat "$SERVER_MARKER" 2>/dev/null)" ]; then
+  echo "building llama.cpp's llama-server (once, a few minutes)"
+  SERVER="$($LLAMA server "$BUILDS")"
+  if ! "$SERVER" --version >/dev/null 2>&1; then
+    echo "llama-server check failed: $SERVER does not run on this CPU; removed it" >&2
+    rm -f "$SERVER"
+    exit 1
+  fi
+  echo "$SERVER" >"$SERVER_MARKER"
 fi
 # Debian's Chromium for the app's real-browser test (Playwright drives it; it never downloads a browser)
 if [ ! -x /usr/bin/chromium ]; then

@@ -2,7 +2,16 @@
 steering) and exporters."""
 
 from steering.hooks import SteerState, steer
+from steering.intervention import Intervention, Resolved
 from steering.operators import OPERATORS
 from steering.spec import Condition, SteeringSpec
 
-__all__ = ["OPERATORS", "Condition", "SteerState", "SteeringSpec", "steer"]
+__all__ = [
+    "OPERATORS",
+    "Condition",
+    "Intervention",
+    "Resolved",
+    "SteerState",
+    "SteeringSpec",
+    "steer",
+]

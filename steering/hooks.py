@@ -40,12 +40,12 @@ from repe.hooks import mark
 from repe.kvcache import cache_length
 from repe.models import LoadedModel
 from repe.sites import parse_site
-from steering.spec import ResolvedSteering, SteeringSpec, resolve
+from steering.intervention import Intervention, Resolved, as_resolved
 
 _IDS = itertools.count(1)
 _V = TypeVar("_V")
 # which steerings are on in this context: key -> resolved steering
-_ACTIVE: contextvars.ContextVar[dict[int, ResolvedSteering] | None] = contextvars.ContextVar(
+_ACTIVE: contextvars.ContextVar[dict[int, Resolved] | None] = contextvars.ContextVar(
     "repe_steering_active", default=None
 )
 # the declared sequence of each steering in this context
@@ -97,7 +97,7 @@ class CallState:
     mask: torch.Tensor | None
 
 
-def needs_sequence(r: ResolvedSteering) -> bool:
+def needs_sequence(r: Resolved) -> bool:
     """Whether this steering needs declared sequence boundaries (``begin_sequence``)."""
     return r.positions in ("prompt", "generated", "assistant") or r.condition is not None
 
@@ -106,7 +106,7 @@ class SteerState:
     """The handle ``steer()`` yields: declares sequences and shows the current one's state. Every read
     and write goes to the *calling* context."""
 
-    def __init__(self, resolved: ResolvedSteering, key: int) -> None:
+    def __init__(self, resolved: Resolved, key: int) -> None:
         self.resolved = resolved
         self.key = key
         self._last: SeqState | None = None
@@ -189,7 +189,7 @@ def _token_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenInfo:
 
 
 def position_mask(
-    r: ResolvedSteering, seq: SeqState | None, info: TokenInfo
+    r: Resolved, seq: SeqState | None, info: TokenInfo
 ) -> tuple[torch.Tensor | None, SeqState | None]:
     """``[B, T]`` bool of tokens to steer (None meaning 'every token', the fast path), and the sequence
     state updated by this call (assistant starts found at its first call)."""
@@ -226,16 +226,13 @@ def position_mask(
 
 
 def apply_operator(
-    h: torch.Tensor, r: ResolvedSteering, mask: torch.Tensor | None, site: str
+    h: torch.Tensor, r: Resolved, mask: torch.Tensor | None, site: str
 ) -> torch.Tensor:
-    """The steered activation ``[B, T, d]`` at ``site``; tokens outside ``mask`` keep ``h``."""
-    delta = r.deltas[site].to(h.dtype)
-    u = r.units[site].to(h.dtype)
-    new = r.operator.fn(h, delta, u, r.clamp_value(site))
-    return new if mask is None else torch.where(mask.unsqueeze(-1), new, h)
+    """The intervention's activation at ``site``; tokens outside ``mask`` keep ``h``."""
+    return r.apply(h, site, mask)
 
 
-def decide(r: ResolvedSteering, h: torch.Tensor, info: TokenInfo) -> torch.Tensor:
+def decide(r: Resolved, h: torch.Tensor, info: TokenInfo) -> torch.Tensor:
     """Conditional steering: ``[B]`` bool per sequence from its prompt's mean activation at the
     condition site."""
     cond = r.condition
@@ -253,7 +250,7 @@ _UNDECLARED = (
 )
 
 
-def _continue(r: ResolvedSteering, seq: SeqState | None, info: TokenInfo, past: int) -> SeqState:
+def _continue(r: Resolved, seq: SeqState | None, info: TokenInfo, past: int) -> SeqState:
     """Check that this forward call belongs to the declared sequence and account for its tokens."""
     what = "condition" if r.condition is not None and r.positions == "all" else repr(r.positions)
     if seq is None:
@@ -285,9 +282,11 @@ def _continue(r: ResolvedSteering, seq: SeqState | None, info: TokenInfo, past: 
 
 
 @contextlib.contextmanager
-def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
-    """Apply a steering spec to ``lm`` for forward passes run inside the ``with`` block (this context)."""
-    resolved = resolve(lm, spec)
+def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
+    """Apply an intervention (a :class:`SteeringSpec`, or anything implementing
+    :class:`steering.intervention.Intervention`) to ``lm`` for the forward passes run inside the
+    ``with`` block, in this context."""
+    resolved = as_resolved(lm, spec)
     key = next(_IDS)
     state = SteerState(resolved, key)
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -326,7 +325,7 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
             if call is None:
                 return None
             h = first_tensor(out)
-            new = apply_operator(h, resolved, call.mask, site)
+            new = resolved.apply(h, site, call.mask)
             if isinstance(out, tuple):
                 return (new, *out[1:])
             return new
@@ -339,11 +338,9 @@ def steer(lm: LoadedModel, spec: SteeringSpec) -> Iterator[SteerState]:
             if call is None:
                 return None
             if args:
-                return ((apply_operator(args[0], resolved, call.mask, site), *args[1:]), kwargs)
+                return ((resolved.apply(args[0], site, call.mask), *args[1:]), kwargs)
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = apply_operator(
-                kwargs["hidden_states"], resolved, call.mask, site
-            )
+            kwargs["hidden_states"] = resolved.apply(kwargs["hidden_states"], site, call.mask)
             return (args, kwargs)
 
         return mark(hook)

@@ -56,6 +56,26 @@ class SteeringSpec:
     def site_list(self) -> list[str]:
         return list(self.sites) if self.sites is not None else self.direction.sites
 
+    # ---- the Intervention protocol (steering.intervention) --------------------------------------
+    def resolve(self, lm: LoadedModel) -> ResolvedSteering:
+        """Check the spec against the model and build the per-site tensors on its device."""
+        return resolve(lm, self)
+
+    @property
+    def exporters(self) -> tuple[str, ...]:
+        """llama.cpp (gguf) carries additive vectors at every position; lm-eval (pt) add and clamp at
+        every position; the JSON spec and safetensors carry everything but a condition's tensors (JSON
+        carries those too)."""
+        plain = (
+            isinstance(self.positions, str) and self.positions == "all" and self.condition is None
+        )
+        out = ["safetensors", "spec"]
+        if plain and self.operator == "add":
+            out.append("gguf")
+        if plain and self.operator in ("add", "clamp"):
+            out.append("pt")
+        return tuple(out)
+
     def coeff_at(self, site: str) -> float:
         if isinstance(self.coeff, Mapping):
             if site not in self.coeff:
@@ -151,6 +171,13 @@ class ResolvedSteering:
 
     def clamp_value(self, site: str) -> float:
         return self.clamp_values[site]
+
+    def apply(self, h: torch.Tensor, site: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """The operator at ``site``: ``[B, T, d]`` steered activation; tokens outside ``mask`` keep ``h``."""
+        delta = self.deltas[site].to(h.dtype)
+        u = self.units[site].to(h.dtype)
+        new = self.operator.fn(h, delta, u, self.clamp_values[site])
+        return new if mask is None else torch.where(mask.unsqueeze(-1), new, h)
 
     def find_assistant_starts(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Real-token index right after the last assistant-turn marker of each row."""

@@ -1,0 +1,73 @@
+"""The Intervention protocol: one way for anything to change a running model.
+
+An *intervention* is plain data plus tensors (a steering vector spec, an ablation, a conditional gate,
+and later learned prefix tokens or low-rank adapters). ``steer(lm, intervention)`` asks it to
+``resolve`` against a loaded model, which checks that it was made for that model (identity and sizes)
+and returns a :class:`Resolved`: the canonical sites it hooks, which tokens it acts on (``positions``,
+an optional ``condition``) and ``apply(h, site, mask)``, the new activation at a site. ``steer``
+registers the hooks, gates them by its context variables (so an intervention acts on exactly the
+forward passes in its scope, never in another thread, session or copied context), declares and tracks
+sequences, and removes every hook on exit. Interventions nest: each ``steer`` adds its own hooks.
+
+An intervention also says how it serialises (``to_json``) and which exporters can carry it
+(``exporters``: llama.cpp control vectors carry only additive residual vectors at every position).
+:class:`steering.spec.SteeringSpec` is the first implementation; the tests add a trivial second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from repe.models import LoadedModel
+
+
+@runtime_checkable
+class Resolved(Protocol):
+    """An intervention resolved against one model: tensors on the model's device, ready to apply."""
+
+    sites: list[str]  # canonical site names it hooks
+    positions: str  # "all", "prompt", "generated", "assistant" or "index"
+    token_indices: list[int]  # for positions == "index"
+    condition: Any  # a steering.spec.ResolvedCondition, or None
+
+    def find_assistant_starts(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``[B]`` real-token index where each row's assistant turn starts (positions='assistant')."""
+        ...
+
+    def apply(self, h: torch.Tensor, site: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """The new activation ``[B, T, ...]`` at ``site``; tokens outside ``mask`` (``[B, T]`` bool,
+        None = every token) must keep ``h``."""
+        ...
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """Anything ``steer()`` can apply."""
+
+    def resolve(self, lm: LoadedModel) -> Resolved:
+        """Check the intervention against ``lm`` (identity, sizes, sites) and build its tensors."""
+        ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The serialisable description (tensors separately, as artifacts)."""
+        ...
+
+    @property
+    def exporters(self) -> tuple[str, ...]:
+        """The export formats (``steering.export.FORMATS``) that can carry this intervention."""
+        ...
+
+
+def as_resolved(lm: LoadedModel, intervention: Any) -> Resolved:
+    """Resolve ``intervention`` against ``lm``, with a clear error for anything that is not one."""
+    if not isinstance(intervention, Intervention):
+        raise TypeError(
+            f"steer() needs an Intervention (an object with resolve(lm), to_json() and exporters, "
+            f"such as SteeringSpec); got {type(intervention).__name__}"
+        )
+    resolved = intervention.resolve(lm)
+    if not isinstance(resolved, Resolved):
+        raise TypeError(f"{type(intervention).__name__}.resolve() did not return a Resolved")
+    return resolved
