@@ -76,8 +76,7 @@ def test_export_gguf_prints_the_llama_cpp_command(tmp_path, capsys, embedded_lm)
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "v.gguf").is_file()
     assert (
-        "--control-vector-scaled" in out
-        and "0.1" in out
+        f"--control-vector-scaled {tmp_path / 'v.gguf'}:0.1" in out
         and "--control-vector-layer-range 10 12" in out
     )
     assert "block 0" in out
@@ -90,6 +89,8 @@ def test_export_gguf_prints_the_llama_cpp_command(tmp_path, capsys, embedded_lm)
             "-o",
             str(tmp_path / "w.gguf"),
             "--keep-block0",
+            "--coeff",
+            "0.1",
         ]
     )
     assert rc == 2 and "direction.0" in capsys.readouterr().err
@@ -129,31 +130,29 @@ def test_probe_saves_direction_table_and_figure(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_sweep_recommends_and_saves(tmp_path, capsys):
+    """A behaviour this model shows in cloze form (coordinate-other-ais moves by about +0.1 at +0.1 on
+    block 12, KL about 0.03): the sweep must recommend the positive coefficient and save it."""
+    argv = ["sweep", "--behaviour", "coordinate-other-ais", "--form", "cloze", "--layers", "12"]
     rc = main(
-        [
-            "sweep",
-            "--behaviour",
-            "sycophancy",
-            "--layers",
-            "11",
-            "--coeffs=-0.1,0,0.1",
-            "--items",
-            "8",
-            "--pairs",
-            "16",
-            "--out",
-            str(tmp_path / "syc"),
-        ]
+        [*argv, "--coeffs=-0.1,0,0.1", "--items", "16", "--pairs", "32"]
+        + ["--out", str(tmp_path / "c")]
     )
     captured = capsys.readouterr()
-    assert "layer   coeff     A/B" in captured.out and "blocks" not in captured.err
-    if rc == 0:  # a setting within the KL budget raised the score: saved with its coefficient
-        assert "saved the vector" in captured.out
-        saved = Direction.load(tmp_path / "syc")
-        assert saved.recommended_coeff is not None and saved.recommended_coeff > 0
-    else:  # tiny data may give no recommendation: a clear message, nothing written
-        assert rc == 2 and "recommends no setting" in captured.err
-        assert not (tmp_path / "syc.json").exists()
+    assert rc == 0, captured.err
+    assert "saved the vector" in captured.out
+    saved = Direction.load(tmp_path / "c")
+    assert saved.recommended_coeff == 0.1 and saved.best_site == "blocks.12.hook_resid_post"
+
+
+@pytest.mark.integration
+def test_sweep_without_a_positive_coefficient_recommends_nothing(tmp_path, capsys):
+    argv = ["sweep", "--behaviour", "coordinate-other-ais", "--form", "cloze", "--layers", "12"]
+    rc = main(
+        [*argv, "--coeffs=-0.1,0", "--items", "8", "--pairs", "16", "--out", str(tmp_path / "c")]
+    )
+    captured = capsys.readouterr()
+    assert rc == 2 and "recommends no setting" in captured.err
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.safetensors").exists()
 
 
 @pytest.mark.integration

@@ -177,7 +177,7 @@ def test_bad_inputs(tiny_lm, embedded_lm, tmp_path):
 def test_llama_cpp_command():
     cmd = llama_cpp_command("h.gguf", "model.gguf", 0.5, [13, 25])
     assert (
-        "--control-vector-scaled h.gguf 0.5" in cmd and "--control-vector-layer-range 13 25" in cmd
+        "--control-vector-scaled h.gguf:0.5" in cmd and "--control-vector-layer-range 13 25" in cmd
     )
 
 
