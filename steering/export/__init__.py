@@ -66,6 +66,38 @@ def llama_cpp_command(
     return f"{program} -m {model_path} {cv}{rng}"
 
 
+def export(
+    spec: SteeringSpec,
+    path: str | os.PathLike[str],
+    fmt: str,
+    *,
+    fold_coeff: bool = False,
+) -> Path:
+    """Export a steering spec (direction + coefficient + scale + operator) in ``fmt``.
+
+    For ``gguf`` the scale is always folded into the vectors; the coefficient too when ``fold_coeff``
+    (otherwise pass it to llama.cpp with ``--control-vector-scaled``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
+    if fmt == "safetensors":
+        d = spec.direction
+        if isinstance(spec.coeff, int | float):
+            d = replace(d, recommended_coeff=float(spec.coeff))
+        return d.save(path)
+    if fmt == "gguf":
+        if spec.operator != "add" or spec.positions != "all":
+            raise ValueError(
+                "llama.cpp control vectors add a vector at every position: only operator='add' with "
+                "positions='all' can be exported to GGUF"
+            )
+        d = serving_direction(spec.direction.select(spec.site_list()), spec.scale)
+        coeff = {s: spec.coeff_at(s) for s in d.sites} if fold_coeff else None
+        return export_gguf(d, path, coeff=coeff)
+    if fmt == "pt":
+        return export_lmeval_pt(spec, path)
+    return export_spec_json(spec, path)
+
+
 __all__ = [
     "FORMATS",
     "export",
