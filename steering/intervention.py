@@ -62,6 +62,10 @@ class Intervention(Protocol):
 
 def as_resolved(lm: LoadedModel, intervention: Any) -> Resolved:
     """Resolve ``intervention`` against ``lm``, with a clear error for anything that is not one."""
+    from steering.spec import SteeringSpec
+
+    if type(intervention) is SteeringSpec:  # the common case: skip the protocol's attribute checks
+        return intervention.resolve(lm)
     if not isinstance(intervention, Intervention):
         raise TypeError(
             f"steer() needs an Intervention (an object with resolve(lm), to_json() and exporters, "

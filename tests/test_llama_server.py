@@ -147,7 +147,6 @@ def exported_command(direction_path: Path, out: Path, coeff: float, capsys) -> l
     if "--control-vector-layer-range" in words:
         j = words.index("--control-vector-layer-range")
         args += words[j : j + 3]
-    print(printed)
     return args
 
 
@@ -197,7 +196,8 @@ def test_readme_flow_on_llama_server_matches_repe_steer(embedded_lm, probed, tmp
         # the floor the export issue measured with llama.cpp's buffer API
         assert np.mean(cos) > 0.8 and min(cos) > 0.6, report[-1]
         assert agree >= len(PROMPTS) - 1, report[-1]
-    print("\n".join(report))
+    with capsys.disabled():
+        print("\n" + "\n".join(report))
     # +0.1 and -0.1 move llama.cpp in opposite directions
     for a, b in zip(shifts[1.0], shifts[-1.0], strict=True):
         both = sorted(set(a) & set(b))
