@@ -264,3 +264,29 @@ def test_uploaded_artifacts_load_and_steer_page_lists_them(swept: AppState, tmp_
     state = fresh(swept)
     state.directions = loaded
     assert "uploaded:honest" in available_directions(state)
+
+
+@pytest.mark.integration
+def test_steer_page_defaults_to_the_directions_best_site(swept: AppState) -> None:
+    """The same default site as repe steer / repe export: the direction's best site."""
+    import torch
+
+    from app.resources import get_model
+    from repe.directions import Direction
+
+    lm = get_model("")
+    g = torch.Generator().manual_seed(0)
+    sites = [f"blocks.{i}.hook_resid_post" for i in (10, 11, 12, 13)]
+    mine = Direction(
+        {s: torch.randn(lm.d_model, generator=g) for s in sites},
+        lm.identity,
+        name="mine",
+        best_site="blocks.10.hook_resid_post",
+    ).normalized()
+    state = fresh(swept)
+    state.directions = {"mine": mine}
+    state.steer = SteerSettings(["mine"], [1.0], coeff=0.0, max_new_tokens=4)
+    at = page("steer", state).run()
+    no_errors(at)
+    layers = next(m for m in at.multiselect if m.label == "Layers")
+    assert layers.value == [10]

@@ -23,6 +23,7 @@ from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
 from steering.calibrate import is_calibrated, with_norms
 from steering.cloze import cloze_eval_specs
+from steering.defaults import default_sites
 from steering.evaluate import ab_eval_specs, kl_from_base, paired_shift
 from steering.generate import GenerationConfig, generate_stream
 from steering.spec import SCALES
@@ -107,14 +108,21 @@ def direction_ui(names: list[str], current: SteerSettings) -> tuple[list[str], l
     return chosen, weights
 
 
-def setting_ui(layers: list[int], current: SteerSettings) -> SteerSettings:
-    """Operator, layers, scale and coefficient."""
+def setting_ui(
+    layers: list[int], current: SteerSettings, suggested: list[int] | None = None
+) -> SteerSettings:
+    """Operator, layers, scale and coefficient. ``suggested``: the layers steered by default (the
+    direction's best site, as ``repe steer`` and ``repe export`` use)."""
     c1, c2 = st.columns(2)
     ops = sorted(OPERATORS)
     operator = c1.selectbox("Operator", ops, index=ops.index(current.operator))
     scale = c2.selectbox("Scale", list(SCALES), index=list(SCALES).index(current.scale))
     mid = layers[len(layers) // 2]
-    default_layers = [layer for layer in current.layers if layer in layers] or [mid]
+    default_layers = (
+        [layer for layer in current.layers if layer in layers]
+        or [layer for layer in suggested or [] if layer in layers]
+        or [mid]
+    )
     chosen = st.multiselect("Layers", layers, default=default_layers)
     lo, hi, default, step = COEFF_RANGE.get(scale, OTHER_COEFF_RANGE)
     if scale == current.scale and lo <= current.coeff <= hi:
@@ -345,7 +353,9 @@ def render() -> None:
         st.warning("The chosen directions share no residual-stream layer.")
         return
     show_cancelled()
-    settings = setting_ui(layers, state.steer)
+    first, _ = default_sites(library[names[0]])  # the same default as repe steer / repe export
+    suggested = [parse_site(s).layer for s in first.sites if s.endswith("hook_resid_post")]
+    settings = setting_ui(layers, state.steer, suggested if len(suggested) == 1 else None)
     settings.direction_names, settings.weights = names, weights
     state.steer = settings
     prompt, tokens = settings.prompt, settings.max_new_tokens
