@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_llama_cpp import PROMPTS  # the prompts of the buffer-level test
 
 from repe.chat import chat_prompt
 from repe.cli import main
@@ -29,13 +30,6 @@ from steering.defaults import calibrated, default_coeff, default_sites
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = [
-    "How are you feeling today?",
-    "Describe the weather outside.",
-    "What did you do this weekend?",
-    "Tell me about your favourite food.",
-    "Write one sentence about the sea.",
-]
 N_PROBS = 100
 
 
