@@ -76,6 +76,19 @@ def _flag(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
+def _operator_names() -> list[str]:
+    """The steering operators' registry (``steering.operators``: no torch import at start-up)."""
+    import ast
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "steering" / "operators.py").read_text()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "OPERATORS":
+            assert isinstance(node.value, ast.Dict)
+            return [str(k.value) for k in node.value.keys if isinstance(k, ast.Constant)]
+    raise RuntimeError("steering/operators.py has no OPERATORS registry")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, mps")
@@ -429,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--operator",
         default="add",
-        choices=["add", "add_norm_preserving", "ablate", "ablate_add", "clamp"],
+        choices=_operator_names(),
     )
     p.add_argument(
         "--positions", default="all", choices=["all", "prompt", "generated", "assistant"]

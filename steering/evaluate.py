@@ -36,6 +36,7 @@ from repe.kvcache import cache_kwargs
 from repe.models import LoadedModel
 from steering.caa import caa_split, crop_cache
 from steering.hooks import steer
+from steering.operators import OPERATORS
 from steering.spec import SteeringSpec
 
 ANSWER_OPENER = "("
@@ -220,7 +221,7 @@ def _ab_batches(lm: LoadedModel, items: list[CAAItem], batch_size: int) -> list[
 
 
 # operators for which coefficient 0 leaves the activations bit for bit as they are
-IDENTITY_AT_ZERO = ("add", "add_norm_preserving")
+IDENTITY_AT_ZERO = tuple(name for name, op in OPERATORS.items() if op.identity_at_zero)
 
 
 def _prefix_is_unsteered(spec: SteeringSpec | None) -> bool:

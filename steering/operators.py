@@ -46,17 +46,39 @@ def op_clamp(h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float
 
 @dataclass(frozen=True)
 class Operator:
+    """An operator and its properties: whether coefficient 0 leaves the model unchanged, which export
+    formats can carry it (at positions='all'), and its formula (written into the JSON spec)."""
+
     name: str
     fn: OperatorFn
+    formula: str
     uses_coeff: bool = True
+    identity_at_zero: bool = False
+    exporters: tuple[str, ...] = ("safetensors", "spec")
 
 
 OPERATORS: dict[str, Operator] = {
-    "add": Operator("add", op_add),
-    "add_norm_preserving": Operator("add_norm_preserving", op_add_norm_preserving),
-    "ablate": Operator("ablate", op_ablate, uses_coeff=False),
-    "ablate_add": Operator("ablate_add", op_ablate_add),
-    "clamp": Operator("clamp", op_clamp),
+    "add": Operator(
+        "add",
+        op_add,
+        "h + coeff * scale[site] * unit(v)",
+        identity_at_zero=True,
+        exporters=("safetensors", "spec", "gguf", "pt"),
+    ),
+    "add_norm_preserving": Operator(
+        "add_norm_preserving",
+        op_add_norm_preserving,
+        "(h + coeff*scale*u) * |h| / |h + coeff*scale*u|",
+        identity_at_zero=True,
+    ),
+    "ablate": Operator("ablate", op_ablate, "h - (h.u) u", uses_coeff=False),
+    "ablate_add": Operator("ablate_add", op_ablate_add, "h - (h.u) u + coeff*scale*u"),
+    "clamp": Operator(
+        "clamp",
+        op_clamp,
+        "h + (coeff*scale - h.u) u",
+        exporters=("safetensors", "spec", "pt"),
+    ),
 }
 
 

@@ -135,3 +135,30 @@ def test_steering_specs_say_which_exporters_carry_them(tiny_lm):
     assert "gguf" not in SteeringSpec(d, 1.0, operator="ablate").exporters
     assert "gguf" not in SteeringSpec(d, 1.0, positions="prompt").exporters
     assert "pt" in SteeringSpec(d, 1.0, operator="clamp").exporters
+
+
+def test_operator_properties_live_on_the_operator():
+    from repe.cli import _operator_names
+    from steering.evaluate import IDENTITY_AT_ZERO
+    from steering.operators import OPERATORS
+
+    assert _operator_names() == list(OPERATORS)  # the CLI's choices come from the registry
+    assert set(IDENTITY_AT_ZERO) == {n for n, op in OPERATORS.items() if op.identity_at_zero}
+    h, u = torch.randn(3, 8), torch.nn.functional.normalize(torch.randn(8), dim=0)
+    for name, op in OPERATORS.items():
+        # identity_at_zero is what the function does at coefficient 0 (delta 0, clamp value 0)
+        same = torch.allclose(op.fn(h, torch.zeros(8), u, 0.0), h, atol=1e-6)
+        assert same == op.identity_at_zero, name
+        assert op.formula and "safetensors" in op.exporters
+
+
+def test_exported_spec_carries_the_operators_formula(tiny_lm, tmp_path):
+    import json
+
+    from steering.export import export
+    from steering.operators import OPERATORS
+
+    d = Direction({SITE: torch.ones(tiny_lm.d_model)}, tiny_lm.identity).normalized()
+    export(SteeringSpec(d, 1.0, operator="ablate_add", scale="unit"), tmp_path / "s.json", "spec")
+    payload = json.loads((tmp_path / "s.json").read_text())
+    assert payload["formula"] == OPERATORS["ablate_add"].formula

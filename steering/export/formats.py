@@ -22,6 +22,7 @@ from repe.directions import Direction
 from repe.errors import DataFormatError
 from repe.models import ModelIdentity
 from repe.sites import Site, parse_site
+from steering.operators import get_operator
 from steering.spec import Condition, SteeringSpec
 
 SPEC_KIND = "steering_spec"
@@ -158,13 +159,7 @@ def export_spec_json(spec: SteeringSpec, path: str | os.PathLike[str]) -> Path:
             }
             for s in spec.site_list()
         },
-        "formula": {
-            "add": "h + coeff * scale[site] * unit(v)",
-            "add_norm_preserving": "(h + coeff*scale*u) * |h| / |h + coeff*scale*u|",
-            "ablate": "h - (h.u) u",
-            "ablate_add": "h - (h.u) u + coeff*scale*u",
-            "clamp": "h + (coeff*scale - h.u) u",
-        }[spec.operator],
+        "formula": get_operator(spec.operator).formula,
         "scale_values": {s: _scale(spec, s) for s in spec.site_list()},
         "direction": d.metadata(),
         "vectors": {
