@@ -183,6 +183,8 @@ def test_nnsight_paths_match_hf(lm: LoadedModel) -> None:
 
 
 def test_llama_cpp_tensor_names(lm: LoadedModel) -> None:
+    """The names the table gives. That ``direction.L`` really is block L's output in llama.cpp is
+    pinned against llama.cpp's own loader in tests/test_llama_server.py."""
     for site in all_sites(lm.n_layers):
         if site.kind == "resid_post" and site.layer >= 1:
             assert site.llama_cpp_tensor == f"direction.{site.layer}"
