@@ -23,7 +23,6 @@ flags, as one static binary cached under ``DIR/llama-server-<key>/``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,6 +113,12 @@ print(f"llama.cpp ok: {len(ids)}-token prompt evaluated, 4 tokens generated")
 """
 
 
+# the process died of a crash signal (SIGILL, SIGSEGV, SIGBUS, SIGABRT, SIGFPE), as a negative return
+# code or as a shell's 128 + signal: the build is broken on this machine. Anything else (an error
+# message, a timeout, a user's Ctrl-C) says nothing about the wheel, which is kept.
+CRASHES = {-4, -11, -7, -6, -8, 132, 139, 135, 134, 136}
+
+
 def check(
     wheel: str | Path | None,
     args: Sequence[str] | None = None,
@@ -124,7 +128,8 @@ def check(
     """Run the installed llama-cpp-python on a ~100-token prompt in a child process.
 
     On a crash (an illegal instruction is exit code 132, or -4 as a signal), print one line naming the
-    wheel and its build flags, delete the cached ``wheel`` so the next set-up rebuilds, and return 1."""
+    wheel and its build flags, delete the cached ``wheel`` so the next set-up rebuilds, and return 1.
+    Any other failure is reported the same way but keeps the wheel."""
     args = cmake_args() if args is None else list(args)
     argv = list(child) if child is not None else [sys.executable, "-c", _CHILD]
     try:
@@ -135,15 +140,21 @@ def check(
     if rc == 0:
         print(proc.stdout.strip())
         return 0
+    crashed = rc in CRASHES
     what = "illegal instruction" if rc in (132, -4) else f"exit code {rc}"
     name = Path(wheel).name if wheel else "llama-cpp-python"
+    detail = f": {tail}" if tail and not crashed else ""
+    verdict = (
+        "does not run on this CPU; the cached wheel was removed"
+        if crashed
+        else "failed its check (the wheel is kept: this is not a crash)"
+    )
     print(
-        f"llama.cpp check failed ({what}{': ' + tail if tail and rc not in (132, -4) else ''}): "
-        f"wheel {name} built with CMAKE_ARGS='{' '.join(args)}' does not run on this CPU; "
-        "the cached wheel was removed",
+        f"llama.cpp check failed ({what}{detail}): wheel {name} built with "
+        f"CMAKE_ARGS='{' '.join(args)}' {verdict}",
         file=sys.stderr,
     )
-    if wheel:
+    if wheel and crashed:
         Path(wheel).unlink(missing_ok=True)
     return 1
 
@@ -152,30 +163,21 @@ SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 
 
 def sdist(folder: str | Path) -> Path:
-    """The pinned llama-cpp-python sdist in ``folder``: downloaded from PyPI once and checked against
-    the SHA-256 PyPI publishes for it."""
+    """The pinned llama-cpp-python sdist in ``folder``, downloaded once through pip (from the package
+    index, whose hashes pip checks)."""
     folder = Path(folder)
     target = folder / SDIST
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json") as r:
-        info = json.load(r)
-    (entry,) = [u for u in info["urls"] if u["packagetype"] == "sdist"]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{SDIST}.", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.sha256()
-        with urllib.request.urlopen(entry["url"]) as r, open(tmp, "wb") as f:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                h.update(chunk)
-                f.write(chunk)
-        if h.hexdigest() != entry["digests"]["sha256"]:
-            raise RuntimeError(f"{SDIST}: SHA-256 does not match PyPI's")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q"]
+            + ["--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={VERSION}", "-d", tmp],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        os.replace(Path(tmp) / SDIST, target)
     return target
 
 

@@ -158,12 +158,21 @@ def test_crash_check_names_the_wheel_and_removes_it(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "illegal instruction" in err and wheel.name in err and "-DGGML_NATIVE=ON" in err
     assert not wheel.exists()
-    # any other failure is reported with its exit code and last line, and also removes the wheel
+    # a segfault is a crash too
     wheel.write_bytes(b"x")
-    boom = [sys.executable, "-c", "raise SystemExit('no model file')"]
-    assert build.check(wheel, [], child=boom) == 1
-    assert "exit code 1: no model file" in capsys.readouterr().err
-    assert not wheel.exists()
+    segv = [sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})"]
+    assert build.check(wheel, [], child=segv) == 1 and not wheel.exists()
+    capsys.readouterr()
+    # any other failure (an error message, a user's Ctrl-C or kill) is reported but keeps the wheel
+    for child, needle in (
+        ([sys.executable, "-c", "raise SystemExit('no model file')"], "exit code 1: no model file"),
+        ([sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGTERM)})"], "-15"),
+    ):
+        wheel.write_bytes(b"x")
+        assert build.check(wheel, [], child=child) == 1
+        err = capsys.readouterr().err
+        assert needle in err and "kept" in err
+        assert wheel.exists()
 
 
 @pytest.mark.integration
