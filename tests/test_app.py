@@ -225,7 +225,10 @@ def test_export_page_download_buttons(swept: AppState) -> None:
     at = page("export", state).run()
     no_errors(at)
     assert len(at.get("download_button")) == 4
-    assert any("llama-cli" in c.value and "--control-vector-scaled" in c.value for c in at.code)
+    assert any(
+        "llama-server" in c.value and "--control-vector-scaled steering.gguf:4" in c.value
+        for c in at.code
+    )
 
 
 @pytest.mark.integration

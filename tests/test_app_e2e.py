@@ -137,7 +137,7 @@ def test_sweep_then_steer_in_a_browser(server: str) -> None:
             page.screenshot(path=str(ARTIFACTS / "e2e_steer.png"), full_page=True)
 
             page.get_by_role("link", name="Export").click()  # exports the setting just steered
-            page.get_by_text("llama-cli", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("llama-server", exact=False).first.wait_for(timeout=60_000)
             wait_idle(page)
             assert page.locator("[data-testid='stDownloadButton']").count() == 4
             assert page.locator("[data-testid='stException']").count() == 0
