@@ -371,7 +371,7 @@ def test_to_direction_round_trips_exactly(toy_sweep, tiny_lm, toy_dataset, tmp_p
     for site in d.sites:
         assert torch.equal(d[site], toy_sweep.fitted["mean_diff"][site].direction_)
         assert abs(float(d[site].norm()) - 1.0) < 1e-6
-        assert set(d.stats[site]) == {"mean_diff_norm", "resid_norm", "threshold"}
+        assert set(d.stats[site]) == {"mean_diff_norm", "contrast_norm", "threshold"}
         assert d.stats[site]["mean_diff_norm"] > 0 and d.stats[site]["contrast_norm"] > 0
         assert d.metrics[site]["auroc"] == toy_sweep.score("mean_diff", site).auroc
     d.save(tmp_path / "yesno")

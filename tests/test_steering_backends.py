@@ -212,7 +212,7 @@ def test_no_hooks_or_interventions_left(
     before = {k: snapshot(m) for k, m in models.items()}
     d = direction(tiny_lm)
     steered_logits(tiny_lm, SteeringSpec(d, coeff=0.5, positions=[0, 2]), TEXTS, backend=backend)
-    monkeypatch.setitem(OPERATORS, "boom", Operator("boom", _boom))
+    monkeypatch.setitem(OPERATORS, "boom", Operator("boom", _boom, "boom"))
     with pytest.raises(Boom, match="operator failed"):
         steered_logits(tiny_lm, SteeringSpec(d, coeff=0.5, operator="boom"), TEXTS, backend=backend)
     assert {k: snapshot(m) for k, m in models.items()} == before
