@@ -209,6 +209,7 @@ def build_server(folder: str | Path) -> Path:
     target = server_path(folder)
     if target.is_file():
         return target
+    print("building llama.cpp's llama-server (once, a few minutes)", file=sys.stderr)
     src = sdist(folder)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(src) as tf:

@@ -51,7 +51,6 @@ fi
 # flags (once, a few minutes; cached beside the wheel): the deployment client of the export tests.
 SERVER_MARKER="$VENV/.llama-server"
 if [ ! -x "$(cat "$SERVER_MARKER" 2>/dev/null)" ]; then
-  echo "building llama.cpp's llama-server (once, a few minutes)"
   SERVER="$($LLAMA server "$BUILDS")"
   if ! "$SERVER" --version >/dev/null 2>&1; then
     echo "llama-server check failed: $SERVER does not run on this CPU; removed it" >&2
