@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from repe.calibration import residual_norms
 from repe.models import LoadedModel, load_model
 from repe.sites import resid_post_sites
-from steering.ab_control import ABControl, ab_control
-from steering.calibrate import residual_norms
+from steering.evaluation.control import ABControl, ab_control
 
 
 @st.cache_resource(show_spinner="Loading the model…")
@@ -38,6 +38,6 @@ def resid_norms(path: str = "") -> dict[str, float]:
 
 @st.cache_data(show_spinner="Checking whether the model reads A/B options (once per model)…")
 def ab_control_result(path: str = "") -> ABControl:
-    """The A/B control (``steering.ab_control``) on the unsteered model: does its answer letter depend
+    """The A/B control (``steering.evaluation.control``) on the unsteered model: does its answer letter depend
     on the options at all? Measured once per model and shared between sessions."""
     return ab_control(get_model(path))

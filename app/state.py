@@ -15,7 +15,7 @@ from probes.sweep import SweepResult
 from repe.activations import ActivationSet
 from repe.datasets import ContrastDataset
 from repe.directions import Direction
-from steering.sweep import SweepReport
+from steering.evaluation.sweep import SweepReport
 
 STATE_KEY = "repe_app"
 

@@ -2,12 +2,12 @@
 effect (KL on neutral text), for this project, repeng and steering-vectors.
 
 Same data for all three: for each behaviour, a fixed sample of ``--pairs`` training pairs of
-``steering.caa.caa_split`` (held-out questions never enter training). A pair is the question with the
+``repe.datasets.caa.caa_split`` (held-out questions never enter training). A pair is the question with the
 assistant turn opened as ``"(A"`` vs ``"(B"``; the peers get exactly the strings ``repe.chat.render``
 makes of them (the script proves they tokenise to the same ids as repe's encoding, and that the answer
 letter is the last token), so every library reads at the answer-letter token, as CAA does:
 
-1. ours: ``steering.caa.caa_direction`` (its default ``balance_letters=True``: the mean difference
+1. ours: ``probes.caa.caa_direction`` (its default ``balance_letters=True``: the mean difference
    weights the pairs so that both letter orders, matching A / other B and the reverse, count equally;
    the residual stream at the letter token carries the letter's identity, ~100 in norm here against a
    behaviour difference of a few units, and a plain mean over an unbalanced sample keeps part of it);
@@ -34,8 +34,8 @@ norm). The script checks that the peers' own application (``ControlModel.set_con
 
 Measured, per library and per sign of the coefficient:
 
-* cost: ``steering.evaluate.kl_from_base`` on the neutral texts (mean KL(base || steered) per token);
-* effect: ``steering.evaluate.ab_eval`` on ``--items`` held-out A/B items of the behaviour (the
+* cost: ``steering.evaluation.costs.kl_from_base`` on the neutral texts (mean KL(base || steered) per token);
+* effect: ``steering.evaluation.ab.ab_eval`` on ``--items`` held-out A/B items of the behaviour (the
   behaviour's test split): the shift of the mean matching probability from the unsteered score, counted
   in the intended direction (a ``+`` coefficient should raise it, ``-`` lower it).
 
@@ -49,11 +49,11 @@ mean over behaviours; the RESULT is ours / the best peer's. The shifts are small
 points of probability), so the script also bootstraps the held-out items (paired: every library is
 measured on the same items) and prints a 90% interval of ours - the best peer.
 
-Cloze form (``--form cloze``): the embedded model does not read A/B options (``steering.ab_control``), so
+Cloze form (``--form cloze``): the embedded model does not read A/B options (``steering.evaluation.control``), so
 its A/B shifts are noise for every library. In cloze form the training pairs are the question's stem
-with each option's *text* as the assistant's answer (``steering.cloze.cloze_pairs``); the peers read
-the last token of those texts, ours is ``steering.cloze.cloze_direction`` (mean over the answer's
-tokens), and the effect is ``steering.cloze.cloze_eval_specs`` (the matching answer text's share of
+with each option's *text* as the assistant's answer (``repe.datasets.caa.cloze_pairs``); the peers read
+the last token of those texts, ours is ``probes.cloze.cloze_direction`` (mean over the answer's
+tokens), and the effect is ``steering.evaluation.cloze.cloze_eval_specs`` (the matching answer text's share of
 likelihood) on the held-out items. RESULT ``steer_cloze_shift_per_kl_vs_best_peer``.
 
 Behaviours: ``refusal`` and ``myopic-reward`` by default (prompts ~90 tokens; sycophancy's are ~190,
@@ -98,13 +98,16 @@ from peers_common import (  # noqa: E402
 )
 from steer_common import direction_from_vectors, result, site  # noqa: E402
 
+from probes.caa import answer_positions, caa_direction  # noqa: E402
+from probes.cloze import cloze_direction  # noqa: E402
 from repe import load_model  # noqa: E402
 from repe.datasets import ContrastDataset  # noqa: E402
+from repe.datasets.caa import caa_split, cloze_pairs, cloze_split  # noqa: E402
 from repe.directions import Direction  # noqa: E402
 from repe.models import LoadedModel  # noqa: E402
-from steering.caa import answer_positions, caa_direction, caa_split  # noqa: E402
-from steering.cloze import cloze_direction, cloze_eval_specs, cloze_pairs, cloze_split  # noqa: E402
-from steering.evaluate import NeutralCosts, ab_eval_specs  # noqa: E402
+from steering.evaluation.ab import ab_eval_specs  # noqa: E402
+from steering.evaluation.cloze import cloze_eval_specs  # noqa: E402
+from steering.evaluation.costs import NeutralCosts  # noqa: E402
 from steering.hooks import steer  # noqa: E402
 from steering.spec import SteeringSpec  # noqa: E402
 
@@ -155,7 +158,7 @@ def train_all(
 ) -> tuple[dict[str, Vector], dict[str, Any]]:
     """Each library's vector (as a repe Direction), and the peers' native objects plus ours without
     letter balancing (for the checks). In cloze form the pairs end in the answers' texts and ours is
-    :func:`steering.cloze.cloze_direction` (mean over the answer's tokens); the peers read the last
+    :func:`probes.cloze.cloze_direction` (mean over the answer's tokens); the peers read the last
     token as always."""
     from repeng import ControlVector, DatasetEntry
     from steering_vectors import train_steering_vector

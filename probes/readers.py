@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 from torch import Tensor
-from typing_extensions import Self
+
+from probes.contrast import mean_difference
 
 ArrayLike = Tensor | np.ndarray
 
@@ -73,6 +74,12 @@ def as_matrix(X: Any, name: str) -> Tensor:
         row = int(np.flatnonzero(~finite.all(axis=1))[0])
         raise ValueError(f"{name} contains NaN or inf (first at row {row})")
     return X
+
+
+_R = TypeVar("_R", bound="Reader")  # fit returns the reader it was called on
+# what the public methods take: [n, d] rows as a torch tensor or a numpy array, validated (clear
+# errors) by check_pairs / as_matrix; the internal methods carry the shapes
+Rows = Tensor | np.ndarray
 
 
 def check_pairs(X_pos: Any, X_neg: Any, min_pairs: int = 2) -> tuple[Tensor, Tensor]:
@@ -116,7 +123,7 @@ def _bool(reader: Reader, param: str, value: Any) -> None:
         )
 
 
-def _top_component(M: Tensor, center: bool) -> tuple[Tensor, float]:
+def _top_component(M: Float[Tensor, "n d"], center: bool) -> tuple[Float[Tensor, " d"], float]:
     """First right singular vector of ``M`` (after centring its rows, if asked) and its share of the
     (centred or raw) second moment. A full, deterministic SVD."""
     if center:
@@ -146,10 +153,12 @@ class Reader(BaseEstimator):  # type: ignore[misc]
     def _check_params(self) -> None:
         """Validate constructor parameters (called by ``fit``, never by ``__init__``)."""
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         raise NotImplementedError
 
-    def fit(self, X_pos: Float[Tensor, "n d"], X_neg: Float[Tensor, "n d"]) -> Self:
+    def fit(self: _R, X_pos: Rows, X_neg: Rows) -> _R:
         """Fit on contrast pairs (row ``i`` of ``X_pos`` and ``X_neg`` is pair ``i``); returns self."""
         self._check_params()
         P, N = check_pairs(X_pos, X_neg)
@@ -185,7 +194,7 @@ class Reader(BaseEstimator):  # type: ignore[misc]
         return self
 
     # ---- using a fitted reader ------------------------------------------------------------------
-    def _checked(self, X: Any, name: str = "X") -> Tensor:
+    def _checked(self, X: Any, name: str = "X") -> Float[Tensor, "n d"]:
         check_is_fitted(self, "direction_")
         M = as_matrix(X, name)
         if M.shape[1] != self.n_features_in_:
@@ -195,19 +204,19 @@ class Reader(BaseEstimator):  # type: ignore[misc]
             )
         return M
 
-    def project(self, X: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    def project(self, X: Rows) -> Float[Tensor, " n"]:
         """Raw projections ``X @ direction_`` (float64)."""
         return self._checked(X) @ self.direction_.double()
 
-    def decision_function(self, X: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    def decision_function(self, X: Rows) -> Float[Tensor, " n"]:
         """Projections minus the fitted threshold: positive means the concept is present."""
         return self.project(X) - self.threshold_
 
-    def predict(self, X: Float[Tensor, "n d"]) -> Tensor:
+    def predict(self, X: Rows) -> Int[Tensor, " n"]:
         """1 where the concept is predicted present, 0 elsewhere (int64 ``[n]``)."""
         return (self.decision_function(X) > 0).long()
 
-    def score(self, X_pos: Float[Tensor, "n d"], X_neg: Float[Tensor, "m d"]) -> float:
+    def score(self, X_pos: Rows, X_neg: Rows) -> float:
         """Accuracy of ``predict`` over positives (label 1) and negatives (label 0); higher is better."""
         P, N = self._checked(X_pos, "X_pos"), self._checked(X_neg, "X_neg")
         if len(P) + len(N) == 0:
@@ -218,7 +227,7 @@ class Reader(BaseEstimator):  # type: ignore[misc]
         )
         return hits / (len(P) + len(N))
 
-    def pair_accuracy(self, X_pos: Float[Tensor, "n d"], X_neg: Float[Tensor, "n d"]) -> float:
+    def pair_accuracy(self, X_pos: Rows, X_neg: Rows) -> float:
         """Fraction of pairs whose positive side projects higher than its negative side."""
         P, N = check_pairs(X_pos, X_neg, min_pairs=1)
         return float((self.project(P) > self.project(N)).double().mean())
@@ -230,8 +239,10 @@ class MeanDiff(Reader):
 
     name = "mean_diff"
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
-        return P.mean(dim=0) - N.mean(dim=0), None
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
+        return mean_difference(P, N).to(P.dtype), None
 
 
 class PCADiff(Reader):
@@ -251,7 +262,9 @@ class PCADiff(Reader):
     def _check_params(self) -> None:
         _bool(self, "center", self.center)
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         v, ratio = _top_component(P - N, center=self.center)
         self.explained_variance_ratio_ = ratio
         return v, None
@@ -266,7 +279,9 @@ class PCACenter(Reader):
 
     name = "pca_center"
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         c = 0.5 * (P + N)
         v, ratio = _top_component(torch.cat([P - c, N - c]), center=True)
         self.explained_variance_ratio_ = ratio
@@ -298,7 +313,9 @@ class LAT(Reader):
         _bool(self, "center", self.center)
         _int(self, "seed", self.seed, 0)
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         g = torch.Generator().manual_seed(int(self.seed))
         n = P.shape[0]
         if self.pairing == "random":
@@ -384,7 +401,9 @@ class Logistic(Reader):
         _choice(self, "solver", self.solver, ("liblinear", "lbfgs", "newton-cholesky"))
         _int(self, "seed", self.seed, 0)
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         n = P.shape[0]
         X = torch.cat([P, N]).numpy()
         y = np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
@@ -438,7 +457,9 @@ class RandomDirection(Reader):
     def _check_params(self) -> None:
         _int(self, "seed", self.seed, 0)
 
-    def _direction(self, P: Tensor, N: Tensor) -> tuple[Tensor, float | None]:
+    def _direction(
+        self, P: Float[Tensor, "n d"], N: Float[Tensor, "n d"]
+    ) -> tuple[Float[Tensor, " d"], float | None]:
         g = torch.Generator().manual_seed(int(self.seed))
         return torch.randn(P.shape[1], generator=g, dtype=torch.float64), None
 

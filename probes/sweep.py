@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from probes.contrast import cohens_d, mean_difference
 from probes.readers import Reader, make_reader
 from repe.activations import ActivationSet
 from repe.atomic import atomic_file, write_text
@@ -322,11 +323,6 @@ def _ci(values: np.ndarray) -> CI:
     return (float(lo), float(hi))
 
 
-def _cohens_d(sp: np.ndarray, sn: np.ndarray) -> float:
-    pooled = np.concatenate([sp - sp.mean(), sn - sn.mean()]).std()
-    return float((sp.mean() - sn.mean()) / max(float(pooled), 1e-12))
-
-
 def _score_site(
     reader: Reader,
     P: torch.Tensor,
@@ -348,7 +344,7 @@ def _score_site(
         auroc_ci = _ci(_auroc_rows(sp[boot], sn[boot]))
     pair_acc = float((sp > sn).mean())
     train_acc = reader.score(P[tr], N[tr])
-    return accuracy, acc_ci, auroc, auroc_ci, pair_acc, _cohens_d(sp, sn), train_acc
+    return accuracy, acc_ci, auroc, auroc_ci, pair_acc, cohens_d(sp, sn), train_acc
 
 
 def sweep(
@@ -434,9 +430,9 @@ def sweep(
             P = raw_p.detach().to("cpu", torch.float64).flatten(1)
             N = raw_n.detach().to("cpu", torch.float64).flatten(1)
             stats[site] = {
-                "mean_diff_norm": float((P[tr].mean(0) - N[tr].mean(0)).norm()),
+                "mean_diff_norm": float(mean_difference(P[tr], N[tr]).norm()),
                 # the contrast data's own activation norm; not the calibrated "resid_norm" that
-                # scale="relative" uses (only steering.calibrate writes that)
+                # scale="relative" uses (only repe.calibration writes that)
                 "contrast_norm": float(torch.cat([P, N]).norm(dim=1).mean()),
             }
             layer = parse_site(site).layer

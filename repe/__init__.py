@@ -10,6 +10,10 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+# the test suite's shape checker (stdlib imports only): jaxtyping's import hook names it as
+# ``repe.typecheck.shapes`` while it decorates this very module, so it must be loaded first
+import repe.typecheck  # noqa: F401
+
 if TYPE_CHECKING:
     from repe.activations import ActivationSet
     from repe.capture import capture

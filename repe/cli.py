@@ -114,9 +114,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from probes.separation import format_table, separation
     from repe.capture import capture
     from repe.datasets import load_concept
-    from repe.separation import format_table, separation
 
     t0 = time.perf_counter()
     lm = _load(args)
@@ -298,7 +298,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from repe.datasets import load_caa_items
     from repe.directions import Direction
-    from steering.sweep import coeff_layer_sweep
+    from steering.evaluation.sweep import coeff_layer_sweep
 
     _flag("--behaviour", load_caa_items, args.behaviour)
     lm = _load(args)

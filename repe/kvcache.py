@@ -46,3 +46,10 @@ def _name_for(cls: type[torch.nn.Module]) -> str:
 def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """``{name: cache, "use_cache": True}`` with the name ``module.forward`` declares."""
     return {_name_for(type(module)): cache, "use_cache": True}
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Drop every cached token after the first ``length`` (``crop(-n)`` drops the last n tokens)."""
+    extra = int(cache.get_seq_length()) - length
+    if extra > 0:
+        cache.crop(-extra)

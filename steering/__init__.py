@@ -1,5 +1,7 @@
-"""steering: writers that change a running model (control vectors, ablation, clamping, conditional
-steering) and exporters."""
+"""steering: interventions that change a running model (control vectors, ablation, clamping,
+conditional steering), all through one protocol and ``steer()``; generation; exporters
+(``steering.export``); and the evaluation sub-package that measures their effect
+(``steering.evaluation``)."""
 
 from steering.hooks import SteerState, steer
 from steering.intervention import Intervention, Resolved

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from repe.calibration import calibrate, is_calibrated
 from repe.directions import Direction
 from repe.models import LoadedModel
-from steering.calibrate import calibrate, is_calibrated
 
 
 def default_sites(

@@ -27,27 +27,24 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 from repe.backends.hf import first_tensor, site_module
 from repe.batching import TokenBatch
-from repe.hooks import mark
+from repe.hooks import hook_scope
 from repe.kvcache import cache_length
 from repe.models import LoadedModel
 from repe.sites import parse_site
 from steering.intervention import Intervention, Resolved, as_resolved
 
-_IDS = itertools.count(1)
 _V = TypeVar("_V")
-# which steerings are on in this context: key -> resolved steering
-_ACTIVE: contextvars.ContextVar[dict[int, Resolved] | None] = contextvars.ContextVar(
-    "repe_steering_active", default=None
-)
+# (which steerings are on in this context is the hook scope's business: repe.hooks.hook_scope)
 # the declared sequence of each steering in this context
 _SEQ: contextvars.ContextVar[dict[int, SeqState] | None] = contextvars.ContextVar(
     "repe_steering_sequence", default=None
@@ -72,9 +69,9 @@ def _put(var: contextvars.ContextVar[dict[int, _V] | None], key: int, value: _V 
 class TokenInfo:
     """The tokens of the current forward call: real-token position, real mask, prompt mask."""
 
-    pos: torch.Tensor  # [B, T] index among the row's real tokens
-    real: torch.Tensor  # [B, T] bool, False on padding
-    ids: torch.Tensor | None  # [B, T] token ids when called with input_ids
+    pos: Int[Tensor, "b t"]  # index among the row's real tokens
+    real: Bool[Tensor, "b t"]  # False on padding
+    ids: Int[Tensor, "b t"] | None  # token ids when called with input_ids
 
 
 @dataclass(frozen=True)
@@ -232,7 +229,7 @@ def apply_operator(
     return r.apply(h, site, mask)
 
 
-def decide(r: Resolved, h: torch.Tensor, info: TokenInfo) -> torch.Tensor:
+def decide(r: Resolved, h: Float[Tensor, "b t d"], info: TokenInfo) -> Bool[Tensor, " b"]:
     """Conditional steering: ``[B]`` bool per sequence from its prompt's mean activation at the
     condition site."""
     cond = r.condition
@@ -246,7 +243,7 @@ def decide(r: Resolved, h: torch.Tensor, info: TokenInfo) -> torch.Tensor:
 _UNDECLARED = (
     "steering with positions={what} needs declared sequence boundaries: call "
     "state.begin_sequence(prompt_lengths=... or attention_mask=...) on the object `with steer(...) as "
-    "state` gives, before each new batch (steering.generate and steering.evaluate do this for you)"
+    "state` gives, before each new batch (steering.generate and steering.evaluation do this for you)"
 )
 
 
@@ -287,101 +284,92 @@ def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
     :class:`steering.intervention.Intervention`) to ``lm`` for the forward passes run inside the
     ``with`` block, in this context."""
     resolved = as_resolved(lm, spec)
-    key = next(_IDS)
-    state = SteerState(resolved, key)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
     needs = needs_sequence(resolved)
+    with hook_scope() as scope:  # every hook below acts only for forward passes inside this scope
+        key = scope.key
+        state = SteerState(resolved, key)
 
-    def active() -> bool:
-        on = _ACTIVE.get()
-        return on is not None and key in on
+        def call_state() -> CallState | None:
+            calls = _CALL.get()
+            return calls.get(key) if calls else None
 
-    def call_state() -> CallState | None:
-        on = _ACTIVE.get()
-        if on is None or key not in on:
-            return None
-        calls = _CALL.get()
-        return calls.get(key) if calls else None
-
-    def pre_backbone(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not active():
-            return
-        info = _token_info(args, kwargs)
-        seq: SeqState | None = None
-        if needs:
-            seqs = _SEQ.get()
-            seq = _continue(resolved, seqs.get(key) if seqs else None, info, cache_length(kwargs))
-        if resolved.condition is not None and seq is not None and seq.decisions is None:
-            mask = None  # decided at the condition site, before any steered site runs
-        else:
-            mask, seq = position_mask(resolved, seq, info)
-        if seq is not None:
-            _put(_SEQ, key, seq)
-        _put(_CALL, key, CallState(info, mask))
-
-    def make_post(site: str) -> Any:
-        def hook(_m: Any, _a: Any, out: Any) -> Any:
-            call = call_state()
-            if call is None:
-                return None
-            h = first_tensor(out)
-            new = resolved.apply(h, site, call.mask)
-            if isinstance(out, tuple):
-                return (new, *out[1:])
-            return new
-
-        return mark(hook)
-
-    def make_pre(site: str) -> Any:
-        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            call = call_state()
-            if call is None:
-                return None
-            if args:
-                return ((resolved.apply(args[0], site, call.mask), *args[1:]), kwargs)
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = resolved.apply(kwargs["hidden_states"], site, call.mask)
-            return (args, kwargs)
-
-        return mark(hook)
-
-    def condition_hook(h: torch.Tensor) -> None:
-        call = call_state()
-        seqs = _SEQ.get()
-        seq = seqs.get(key) if seqs else None
-        if call is None or seq is None or seq.decisions is not None:
-            return
-        seq = dataclasses.replace(seq, decisions=decide(resolved, h, call.info))
-        mask, seq = position_mask(resolved, seq, call.info)
-        assert seq is not None
-        _put(_SEQ, key, seq)
-        _put(_CALL, key, CallState(call.info, mask))
-
-    token = _ACTIVE.set({**(_ACTIVE.get() or {}), key: resolved})
-    try:
-        handles.append(
-            lm.backbone.register_forward_pre_hook(
-                mark(pre_backbone), with_kwargs=True, prepend=True
-            )
-        )
-        if resolved.condition is not None:
-            from repe.backends.hf import register_capture
-
-            handles.append(register_capture(lm, resolved.condition.site, mark(condition_hook)))
-        for name in resolved.sites:
-            site = parse_site(name)
-            module = site_module(lm, site)
-            if site.hf_hook.hook == "pre":
-                handles.append(
-                    module.register_forward_pre_hook(make_pre(name), with_kwargs=True, prepend=True)
+        def pre_backbone(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            info = _token_info(args, kwargs)
+            seq: SeqState | None = None
+            if needs:
+                seqs = _SEQ.get()
+                seq = _continue(
+                    resolved, seqs.get(key) if seqs else None, info, cache_length(kwargs)
                 )
+            if resolved.condition is not None and seq is not None and seq.decisions is None:
+                mask = None  # decided at the condition site, before any steered site runs
             else:
-                handles.append(module.register_forward_hook(make_post(name), prepend=True))
-        yield state
-    finally:
-        for h in handles:
-            h.remove()
-        state._close()
-        _put(_SEQ, key, None)
-        _put(_CALL, key, None)
-        _ACTIVE.reset(token)
+                mask, seq = position_mask(resolved, seq, info)
+            if seq is not None:
+                _put(_SEQ, key, seq)
+            _put(_CALL, key, CallState(info, mask))
+
+        def make_post(site: str) -> Any:
+            def hook(_m: Any, _a: Any, out: Any) -> Any:
+                call = call_state()
+                if call is None:
+                    return None
+                h = first_tensor(out)
+                new = resolved.apply(h, site, call.mask)
+                if isinstance(out, tuple):
+                    return (new, *out[1:])
+                return new
+
+            return scope.gate(hook)
+
+        def make_pre(site: str) -> Any:
+            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                call = call_state()
+                if call is None:
+                    return None
+                if args:
+                    return ((resolved.apply(args[0], site, call.mask), *args[1:]), kwargs)
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = resolved.apply(kwargs["hidden_states"], site, call.mask)
+                return (args, kwargs)
+
+            return scope.gate(hook)
+
+        def condition_hook(h: torch.Tensor) -> None:
+            call = call_state()
+            seqs = _SEQ.get()
+            seq = seqs.get(key) if seqs else None
+            if call is None or seq is None or seq.decisions is not None:
+                return
+            seq = dataclasses.replace(seq, decisions=decide(resolved, h, call.info))
+            mask, seq = position_mask(resolved, seq, call.info)
+            assert seq is not None
+            _put(_SEQ, key, seq)
+            _put(_CALL, key, CallState(call.info, mask))
+
+        try:
+            scope.add(
+                lm.backbone.register_forward_pre_hook(
+                    scope.gate(pre_backbone), with_kwargs=True, prepend=True
+                )
+            )
+            if resolved.condition is not None:
+                from repe.backends.hf import register_capture
+
+                scope.add(register_capture(lm, resolved.condition.site, scope.gate(condition_hook)))
+            for name in resolved.sites:
+                site = parse_site(name)
+                module = site_module(lm, site)
+                if site.hf_hook.hook == "pre":
+                    scope.add(
+                        module.register_forward_pre_hook(
+                            make_pre(name), with_kwargs=True, prepend=True
+                        )
+                    )
+                else:
+                    scope.add(module.register_forward_hook(make_post(name), prepend=True))
+            yield state
+        finally:
+            state._close()
+            _put(_SEQ, key, None)
+            _put(_CALL, key, None)

@@ -10,36 +10,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
+# the rows an operator changes ([..., d]: any leading axes) and a site's vector ([d])
+Rows = Float[Tensor, "*rows d"]
+Vec = Float[Tensor, " d"]
 OperatorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def op_add(h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float) -> torch.Tensor:
+def op_add(h: Rows, delta: Vec, u: Vec, value: float) -> Rows:
     """``h + c*v``."""
     return h + delta
 
 
-def op_add_norm_preserving(
-    h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float
-) -> torch.Tensor:
+def op_add_norm_preserving(h: Rows, delta: Vec, u: Vec, value: float) -> Rows:
     """``h + c*v``, rescaled back to the norm of ``h`` (per row)."""
     out = h + delta
     return out * (h.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp(min=1e-12))
 
 
-def op_ablate(h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float) -> torch.Tensor:
+def op_ablate(h: Rows, delta: Vec, u: Vec, value: float) -> Rows:
     """Project the direction out: ``h - (h.u) u`` (the coefficient is ignored)."""
     return h - (h @ u).unsqueeze(-1) * u
 
 
-def op_ablate_add(
-    h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float
-) -> torch.Tensor:
+def op_ablate_add(h: Rows, delta: Vec, u: Vec, value: float) -> Rows:
     """Project the direction out, then add ``c*v``."""
     return h - (h @ u).unsqueeze(-1) * u + delta
 
 
-def op_clamp(h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, value: float) -> torch.Tensor:
+def op_clamp(h: Rows, delta: Vec, u: Vec, value: float) -> Rows:
     """Set the projection on ``u`` to ``value`` (in the site's own units): ``h + (value - h.u) u``."""
     return h + (value - h @ u).unsqueeze(-1) * u
 

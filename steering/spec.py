@@ -5,7 +5,7 @@ turns it into tensors on the model's device.
 Scales give the coefficient a meaning that holds across layers, readers and models:
 
 * ``relative`` (default): ``coeff`` is a fraction of the typical residual-stream norm at the site,
-  measured on neutral text by :func:`steering.calibrate.calibrate` (``stats[site]["resid_norm"]``;
+  measured on neutral text by :func:`repe.calibration.calibrate` (``stats[site]["resid_norm"]``;
   nothing else writes that statistic).
 * ``unit``: ``coeff`` multiplies the unit direction (repeng's convention).
 * ``mean_diff``: ``coeff`` multiplies the raw class-mean difference (CAA / steering-vectors' convention).
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 from repe.directions import Direction
 from repe.models import LoadedModel
@@ -118,7 +120,7 @@ def scale_factor(direction: Direction, site: str, scale: str, norm: float | None
     stats = direction.stats.get(site, {})
     if key not in stats:
         hint = (
-            "run steering.calibrate(lm, direction) once to measure it"
+            "run repe.calibration.calibrate(lm, direction) once to measure it"
             if key == "resid_norm"
             else "fit the direction with a reader that records it, or use scale='unit'"
         )
@@ -172,14 +174,18 @@ class ResolvedSteering:
     def clamp_value(self, site: str) -> float:
         return self.clamp_values[site]
 
-    def apply(self, h: torch.Tensor, site: str, mask: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, h: Float[Tensor, "b t d"], site: str, mask: Bool[Tensor, "b t"] | None
+    ) -> Float[Tensor, "b t d"]:
         """The operator at ``site``: ``[B, T, d]`` steered activation; tokens outside ``mask`` keep ``h``."""
         delta = self.deltas[site].to(h.dtype)
         u = self.units[site].to(h.dtype)
         new = self.operator.fn(h, delta, u, self.clamp_values[site])
         return new if mask is None else torch.where(mask.unsqueeze(-1), new, h)
 
-    def find_assistant_starts(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def find_assistant_starts(
+        self, ids: Int[Tensor, "b t"], real: Bool[Tensor, "b t"]
+    ) -> Int[Tensor, " b"]:
         """Real-token index right after the last assistant-turn marker of each row."""
         m = self.assistant_marker
         out = []

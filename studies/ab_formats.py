@@ -1,6 +1,6 @@
 """Study: does any prompt format make the embedded model read A/B options?
 
-The A/B control (``steering.ab_control``: 32 trivially easy questions, each in both option orders) is
+The A/B control (``steering.evaluation.control``: 32 trivially easy questions, each in both option orders) is
 scored under several prompt formats: the chat format the A/B evaluation uses (assistant turn opened with
 ``"("``), other chat openers, an instruction, few-shot chat turns, and plain text without the chat
 template. For each: the correct letter's probability renormalised over A and B, averaged per question
@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 from repe.atomic import write_text  # noqa: E402
 from repe.datasets import CAAItem, load_ab_control  # noqa: E402
 from repe.models import LoadedModel, load_model  # noqa: E402
-from steering.ab_control import summarise  # noqa: E402
-from steering.evaluate import ABResult  # noqa: E402
+from steering.evaluation.ab import ABResult  # noqa: E402
+from steering.evaluation.control import summarise  # noqa: E402
 
 INSTRUCTION = "Answer with the letter of the correct choice."
 SHOTS = [

@@ -1,15 +1,15 @@
 """Study: how far do CAA vectors move A/B answers on the embedded model, against item-sampling noise?
 
-For each behaviour: a CAA vector (``steering.caa.caa_direction``, letter-balanced mean difference at the
+For each behaviour: a CAA vector (``probes.caa.caa_direction``, letter-balanced mean difference at the
 answer letter) from ``--pairs`` training pairs (0 = the whole training split), applied at every token at
 each of ``--layers`` with each of ``--coeffs`` (fractions of the residual norm); scored on ``--items``
 letter-balanced held-out items (``stratified_sample`` of the test split, seed ``--seed``; capped at the
 split's size). Reported per setting: the shift of the mean matching probability from the unsteered
 score and its paired standard error over items (stdev of per-item differences / sqrt(n)), and
 whether the shift is more than two standard errors from zero in the intended direction. The report
-opens with the A/B control (``steering.ab_control``): whether the model reads A/B options at all.
+opens with the A/B control (``steering.evaluation.control``): whether the model reads A/B options at all.
 
-``--form cloze`` scores the answers' texts instead of their letters (``steering.cloze``; the vector is
+``--form cloze`` scores the answers' texts instead of their letters (``steering.evaluation.cloze``; the vector is
 then built from answer-text activations): for models that do not read A/B options, as the A/B control
 at the top of the report says of the embedded model. The KL column is the cost on 16 neutral texts.
 
@@ -34,14 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from probes.caa import caa_direction  # noqa: E402
+from probes.cloze import cloze_direction  # noqa: E402
 from repe.atomic import write_text  # noqa: E402
 from repe.datasets import load_neutral  # noqa: E402
+from repe.datasets.caa import caa_split  # noqa: E402
 from repe.models import load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
-from steering.ab_control import ab_control  # noqa: E402
-from steering.caa import caa_direction, caa_split  # noqa: E402
-from steering.cloze import cloze_direction, cloze_eval_specs  # noqa: E402
-from steering.evaluate import NeutralCosts, ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
+from steering.evaluation.ab import ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
+from steering.evaluation.cloze import cloze_eval_specs  # noqa: E402
+from steering.evaluation.control import ab_control  # noqa: E402
+from steering.evaluation.costs import NeutralCosts  # noqa: E402
 
 BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 
@@ -51,7 +54,7 @@ def study(args: argparse.Namespace) -> str:
     control = ab_control(lm)
     cloze = args.form == "cloze"
     scored = (
-        "the answers' texts (cloze form, `steering.cloze`: stem as the question, each option's "
+        "the answers' texts (cloze form, `steering.evaluation.cloze`: stem as the question, each option's "
         "text as the answer; vector from answer-text activations)"
         if cloze
         else "the answer letters (CAA's A/B; vector at the answer letter, letter-balanced)"
@@ -88,6 +91,7 @@ def study(args: argparse.Namespace) -> str:
         for (layer, c), res, spec in zip(settings, results[1:], specs[1:], strict=True):
             shift, se = paired_shift(base.item_scores, res.item_scores)
             clear = shift * (1 if c > 0 else -1) > 2 * se
+            assert spec is not None
             kl = costs.kl(spec)
             lines.append(
                 f"| {behaviour} | {len(items)} | {base.score:.4f} | {layer} | {c:+g} | "

@@ -1,5 +1,5 @@
 """The A/B control: trivially easy A/B questions in both option orders tell whether a model reads the
-options at all (steering.ab_control)."""
+options at all (steering.evaluation.control)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from repe.datasets import load_ab_control
-from steering.ab_control import ab_control, summarise
-from steering.evaluate import ABResult
+from steering.evaluation.ab import ABResult
+from steering.evaluation.control import ab_control, summarise
 
 _OPTION = re.compile(r"\n \(([AB])\) (.*)")
 

@@ -139,7 +139,7 @@ def test_steering_specs_say_which_exporters_carry_them(tiny_lm):
 
 def test_operator_properties_live_on_the_operator():
     from repe.cli import _operator_names
-    from steering.evaluate import IDENTITY_AT_ZERO
+    from steering.evaluation.ab import IDENTITY_AT_ZERO
     from steering.operators import OPERATORS
 
     assert _operator_names() == list(OPERATORS)  # the CLI's choices come from the registry

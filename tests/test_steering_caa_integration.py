@@ -16,10 +16,11 @@ import time
 
 import pytest
 
+from probes.caa import caa_direction
 from repe.datasets import CAAItem, load_neutral
-from steering.caa import caa_direction, caa_split
-from steering.evaluate import stratified_sample
-from steering.sweep import coeff_layer_sweep
+from repe.datasets.caa import caa_split
+from steering.evaluation.ab import stratified_sample
+from steering.evaluation.sweep import coeff_layer_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 

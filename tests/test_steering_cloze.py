@@ -1,4 +1,4 @@
-"""CAA behaviours in cloze form (steering.cloze): parsing, scoring against a direct computation, the
+"""CAA behaviours in cloze form (steering.evaluation.cloze): parsing, scoring against a direct computation, the
 answer-text steering vector, and steered scores on the tiny model."""
 
 from __future__ import annotations
@@ -9,18 +9,13 @@ import math
 import pytest
 import torch
 
+from probes.cloze import cloze_direction
 from repe.batching import encode
 from repe.chat import messages
 from repe.datasets import CAAItem, load_caa_items
+from repe.datasets.caa import caa_split, cloze_item, cloze_items, cloze_split
 from steering import SteeringSpec
-from steering.caa import caa_split
-from steering.cloze import (
-    cloze_direction,
-    cloze_eval_specs,
-    cloze_item,
-    cloze_items,
-    cloze_split,
-)
+from steering.evaluation.cloze import cloze_eval_specs
 from steering.hooks import steer
 
 SITE = "blocks.2.hook_resid_post"
@@ -137,7 +132,7 @@ def test_cloze_eval_reports_progress(tiny_lm, items):
 
 def test_sweep_in_cloze_form_scores_answer_texts(tiny_lm, items):
     from repe.directions import Direction
-    from steering.sweep import coeff_layer_sweep
+    from steering.evaluation.sweep import coeff_layer_sweep
 
     d_vec = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(4))
     d = Direction({SITE: d_vec / d_vec.norm()}, tiny_lm.identity)

@@ -4,7 +4,7 @@ pairs moves the held-out answers monotonically with the coefficient at the layer
 Why cloze and not A/B letters: this model picks its A/B letter without reading the options
 (``tests/test_ab_control.py``: 0.4995 on trivially easy questions, 0.5 = chance), so CAA's A/B score
 cannot move with any behaviour on it. In cloze form the question's stem is the user turn and each
-option's text is a candidate answer (``steering.cloze``).
+option's text is a candidate answer (``steering.evaluation.cloze``).
 
 Per behaviour: a vector from ``N_PAIRS`` training pairs (mean difference of the answer-text
 activations), a coefficient x layer sweep on ``N_SELECT`` held-out items picks the layer (largest shift
@@ -19,12 +19,14 @@ import time
 
 import pytest
 
+from probes.cloze import cloze_direction
 from repe.datasets import load_neutral
+from repe.datasets.caa import caa_split, cloze_split
 from steering import SteeringSpec
-from steering.caa import caa_split
-from steering.cloze import cloze_direction, cloze_eval_specs, cloze_split
-from steering.evaluate import NeutralCosts, paired_shift, stratified_sample
-from steering.sweep import coeff_layer_sweep
+from steering.evaluation.ab import paired_shift, stratified_sample
+from steering.evaluation.cloze import cloze_eval_specs
+from steering.evaluation.costs import NeutralCosts
+from steering.evaluation.sweep import coeff_layer_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 

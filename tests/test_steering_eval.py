@@ -11,31 +11,23 @@ import math
 import pytest
 import torch
 
+from probes.caa import (
+    _capture_letter_pairs,
+    answer_positions,
+    caa_direction,
+    letter_balanced_weights,
+)
 from repe import capture
 from repe.batching import encode
 from repe.chat import messages, render
 from repe.datasets import CAAItem, ContrastDataset, ContrastPair, load_caa, load_caa_items
+from repe.datasets.caa import answer_letter, caa_split
 from repe.directions import Direction
 from repe.hooks import leftover_hooks
 from steering import SteeringSpec, steer
-from steering.caa import (
-    _capture_letter_pairs,
-    answer_positions,
-    caa_direction,
-    caa_split,
-    letter_balanced_weights,
-)
-from steering.evaluate import (
-    NeutralCosts,
-    ab_eval,
-    ab_eval_specs,
-    answer_letter,
-    kl_from_base,
-    letter_token_ids,
-    perplexity,
-    stratified_sample,
-)
-from steering.sweep import SweepRow, coeff_layer_sweep, recommend, sweep_figure
+from steering.evaluation.ab import ab_eval, ab_eval_specs, letter_token_ids, stratified_sample
+from steering.evaluation.costs import NeutralCosts, kl_from_base, perplexity
+from steering.evaluation.sweep import SweepRow, coeff_layer_sweep, recommend, sweep_figure
 
 BEHAVIOUR = "corrigible-neutral-HHH"  # the shortest CAA prompts
 SITE = "blocks.2.hook_resid_post"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from repe.batching import Encoded, encode, make_batch
+from repe.calibration import calibrate, residual_norms
 from repe.directions import Direction
 from steering import SteeringSpec, steer
-from steering.calibrate import calibrate, residual_norms
 from steering.generate import GenerationConfig, as_chats, compare, generate, generate_stream
 
 PROMPTS = ["Tell me about the sea.", "Hi!", "What should I cook tonight with rice and beans?"]

@@ -9,10 +9,10 @@ import gguf
 import pytest
 import torch
 
+from repe.calibration import calibrate, is_calibrated
 from repe.directions import Direction
 from repe.models import load_model, tiny_model
 from steering import SteeringSpec, steer
-from steering.calibrate import calibrate, is_calibrated
 from steering.spec import resolve
 
 SITES = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post"]

@@ -57,9 +57,9 @@ def test_caa_effect_size_study_in_cloze_form() -> None:
 @pytest.mark.integration
 def test_ab_formats_study_scores_like_the_library(embedded_lm) -> None:
     """The study's own scoring of its first format (the A/B evaluation's prompt) equals
-    steering.ab_control on the same model."""
+    steering.evaluation.control on the same model."""
     from repe.datasets import load_ab_control
-    from steering.ab_control import ab_control, summarise
+    from steering.evaluation.control import ab_control, summarise
     from studies.ab_formats import FORMATS, score
 
     items = load_ab_control()

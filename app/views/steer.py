@@ -16,22 +16,23 @@ from app.jobs import cancel_button, progress_bar, show_cancelled
 from app.names import inside, safe_name
 from app.resources import ab_control_result, current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
+from repe.calibration import is_calibrated, with_norms
 from repe.datasets import list_concepts, load_neutral
 from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import parse_site, resid_post_sites
 from steering import OPERATORS, SteeringSpec
-from steering.calibrate import is_calibrated, with_norms
-from steering.cloze import cloze_eval_specs
 from steering.defaults import default_sites
-from steering.evaluate import ab_eval_specs, kl_from_base, paired_shift
+from steering.evaluation.ab import ab_eval_specs, paired_shift
+from steering.evaluation.cloze import cloze_eval_specs
+from steering.evaluation.costs import kl_from_base
+from steering.evaluation.sweep import SweepReport, SweepRow, coeff_layer_sweep, sweep_figure
 from steering.generate import GenerationConfig, generate_stream
 from steering.spec import SCALES
-from steering.sweep import SweepReport, SweepRow, coeff_layer_sweep, sweep_figure
 
 COEFF_RANGE = {"relative": (-2.0, 2.0, 0.25, 0.05)}
 OTHER_COEFF_RANGE = (-40.0, 40.0, 8.0, 0.5)
-# how a CAA question is scored: its answer letter (CAA's A/B) or its answers' texts (steering.cloze)
+# how a CAA question is scored: its answer letter (CAA's A/B) or its answers' texts (steering.evaluation.cloze)
 FORMS = {"A/B letters": "ab", "answer texts (cloze)": "cloze"}
 
 
@@ -50,7 +51,7 @@ def form_choice(key: str) -> str:
 
 
 def control_warning(model_path: str) -> None:
-    """Warn, in A/B form, when the model does not read A/B options (steering.ab_control)."""
+    """Warn, in A/B form, when the model does not read A/B options (steering.evaluation.control)."""
     warning = ab_control_result(model_path).warning()
     if warning:
         st.warning(
@@ -154,7 +155,7 @@ def build_spec(state: AppState, library: dict[str, Direction], s: SteerSettings)
     if len(parts) == 1 and s.weights[0] == 1.0:
         combined = library[s.direction_names[0]].select(sites)
     if s.scale == "relative" and not is_calibrated(combined):
-        # the same calibration as steering.calibrate (same texts, same statistic), measured once per
+        # the same calibration as repe.calibration (same texts, same statistic), measured once per
         # model for every site and cached; a direction that carries its calibration keeps it
         combined = with_norms(
             combined, {site: resid_norms(state.model_path)[site] for site in sites}

@@ -6,8 +6,6 @@ requested site, so capture is cheaper than a plain forward with ``output_hidden_
 
 from __future__ import annotations
 
-import contextvars
-import itertools
 from typing import Any
 
 import torch
@@ -15,7 +13,7 @@ from torch import nn
 
 from repe.backends import Sink
 from repe.batching import TokenBatch
-from repe.hooks import mark
+from repe.hooks import hook_scope, mark
 from repe.models import LoadedModel
 from repe.sites import Site
 
@@ -25,12 +23,6 @@ _ORDER = {"resid_pre": 0, "attn_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post"
 
 class _StopForward(Exception):
     pass
-
-
-# The capture run active in this context (thread / task). Hooks sit on shared modules, so each hook
-# acts only for forward passes of the run that registered it: concurrent captures never mix.
-_RUN: contextvars.ContextVar[int] = contextvars.ContextVar("repe_capture_run", default=0)
-_RUN_IDS = itertools.count(1)
 
 
 def execution_key(site: Site) -> tuple[int, int]:
@@ -85,23 +77,12 @@ class HFBackend:
         self.stop_early = stop_early
 
     def run(self, lm: LoadedModel, batch: TokenBatch, sites: list[Site], sink: Sink) -> None:
-        handles: list[torch.utils.hooks.RemovableHandle] = []
         deepest = max(sites, key=execution_key)
-        run_id = next(_RUN_IDS)
-
-        def gated(fn: Any) -> Any:
-            def hook(t: torch.Tensor) -> None:
-                if _RUN.get() == run_id:
-                    fn(t)
-
-            return hook
-
-        token = _RUN.set(run_id)
-        try:
+        with hook_scope() as scope:
             for site in sites:
-                handles.append(register_capture(lm, site, gated(lambda t, s=site: sink(s, t))))
+                scope.add(register_capture(lm, site, scope.gate(lambda t, s=site: sink(s, t))))
             if self.stop_early:
-                handles.append(register_capture(lm, deepest, gated(_raise_stop)))
+                scope.add(register_capture(lm, deepest, scope.gate(_raise_stop)))
             dev = lm.device
             with torch.inference_mode():
                 try:
@@ -113,10 +94,6 @@ class HFBackend:
                     )
                 except _StopForward:
                     pass
-        finally:
-            for h in handles:
-                h.remove()
-            _RUN.reset(token)
 
 
 def _raise_stop(_t: torch.Tensor) -> None:

@@ -174,7 +174,7 @@ def load_ab_control() -> list[CAAItem]:
 
     A model that reads the options scores near 1 on them; one that picks a letter without reading them
     scores exactly 0.5 whatever its letter preference (each question's two orders cancel it). See
-    :func:`steering.ab_control.ab_control`. Written for this project (``repe/data/ab_control``).
+    :func:`steering.evaluation.control.ab_control`. Written for this project (``repe/data/ab_control``).
     """
     return _read_caa_items(data_path("ab_control", "easy_ab.json"))
 

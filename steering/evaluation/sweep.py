@@ -1,7 +1,7 @@
 """Choosing where and how hard to steer: a coefficient x layer sweep of effect against cost.
 
 For each layer and coefficient :func:`coeff_layer_sweep` reports the held-out A/B matching probability
-(:func:`steering.evaluate.ab_eval`), its shift from coefficient 0 at that layer, and the cost on neutral
+(:func:`steering.evaluation.ab.ab_eval`), its shift from coefficient 0 at that layer, and the cost on neutral
 text (KL from the unsteered model, perplexity). It recommends the strongest setting — the largest A/B
 shift toward the behaviour among positive coefficients — whose KL stays within ``kl_budget``, and
 :meth:`SweepReport.apply_to` writes that choice into a Direction (``recommended_coeff``, ``best_site``,
@@ -19,14 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from probes.caa import caa_direction
+from probes.cloze import cloze_direction
 from repe.datasets import CAAItem
 from repe.directions import Direction
 from repe.errors import require
 from repe.models import LoadedModel
-from steering.ab_control import ABControl, ab_control
-from steering.caa import caa_direction
-from steering.cloze import cloze_direction, cloze_eval_specs
-from steering.evaluate import IDENTITY_AT_ZERO, NeutralCosts, ab_eval_specs, paired_shift
+from steering.evaluation.ab import IDENTITY_AT_ZERO, ab_eval_specs, paired_shift
+from steering.evaluation.cloze import cloze_eval_specs
+from steering.evaluation.control import ABControl, ab_control
+from steering.evaluation.costs import NeutralCosts
 from steering.operators import OPERATORS
 from steering.spec import SCALES, SteeringSpec
 
@@ -72,9 +74,9 @@ class SweepReport:
     recommended: SweepRow | None
     direction: Direction | None = field(default=None, repr=False)
     items_fingerprint: str = ""
-    # does the model read A/B options at all? (steering.ab_control)
+    # does the model read A/B options at all? (steering.evaluation.control)
     control: ABControl | None = None
-    form: str = "ab"  # "ab": answer letters; "cloze": answer texts (steering.cloze)
+    form: str = "ab"  # "ab": answer letters; "cloze": answer texts (steering.evaluation.cloze)
 
     @property
     def layers(self) -> list[int]:
@@ -213,13 +215,13 @@ def coeff_layer_sweep(
 
     Args:
         lm: the model.
-        behaviour: a CAA behaviour name (held-out items from :func:`steering.caa.caa_split` with
+        behaviour: a CAA behaviour name (held-out items from :func:`repe.datasets.caa.caa_split` with
             ``seed``) or a list of ``CAAItem`` (then ``direction`` is required).
         layers: blocks to steer, one at a time (``blocks.L.hook_resid_post``).
         coeffs: coefficients in ``scale`` units; 0 is added when missing.
         kl_budget: the largest mean KL (nats per token) a recommended setting may cost.
         n_items: held-out A/B items (sampled with ``seed``; None = all).
-        direction: the direction to steer with (default: :func:`steering.caa.caa_direction` on the
+        direction: the direction to steer with (default: :func:`probes.caa.caa_direction` on the
             training split, ``n_pairs`` pairs, at ``layers``).
         scale, operator: as in :class:`steering.SteeringSpec`.
         positions: which tokens of the A/B prompt are steered: ``"all"`` (default, as
@@ -229,12 +231,12 @@ def coeff_layer_sweep(
         kl_texts: neutral texts for the cost (default: ``repe.datasets.load_neutral()``).
         progress: called as ``progress(fraction_done, what)`` while it runs (a UI's progress bar;
             raising from it stops the sweep).
-        control: run :func:`steering.ab_control.ab_control` (64 short prompts) and keep its result in
+        control: run :func:`steering.evaluation.control.ab_control` (64 short prompts) and keep its result in
             the report (True, default), skip it (False), or pass a result already measured on ``lm``.
             Only for ``form="ab"``.
-        form: ``"ab"`` (default): CAA's A/B letters (:func:`steering.evaluate.ab_eval_specs`, vector
-            :func:`steering.caa.caa_direction`); ``"cloze"``: the answers' texts
-            (:func:`steering.cloze.cloze_eval_specs`, vector :func:`steering.cloze.cloze_direction`),
+        form: ``"ab"`` (default): CAA's A/B letters (:func:`steering.evaluation.ab.ab_eval_specs`, vector
+            :func:`probes.caa.caa_direction`); ``"cloze"``: the answers' texts
+            (:func:`steering.evaluation.cloze.cloze_eval_specs`, vector :func:`probes.cloze.cloze_direction`),
             for models that do not read A/B options.
     """
     if not layers:

@@ -21,26 +21,24 @@ import hashlib
 import json
 import math
 import random
-import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from repe.batching import Encoded, TokenBatch, batches, encode, make_batch
+from repe.batching import Encoded, TokenBatch, encode, make_batch
 from repe.chat import messages
-from repe.datasets import CAAItem, load_neutral
-from repe.kvcache import cache_kwargs
+from repe.datasets import CAAItem
+from repe.datasets.caa import answer_letter, caa_split
+from repe.kvcache import cache_kwargs, crop_cache
 from repe.models import LoadedModel
-from steering.caa import caa_split, crop_cache
 from steering.hooks import steer
 from steering.operators import OPERATORS
 from steering.spec import SteeringSpec
 
 ANSWER_OPENER = "("
-_LETTER_RE = re.compile(r"^\(([A-Z])\)$")
 
 
 # ---- the effect: A/B ------------------------------------------------------------------------------
@@ -66,7 +64,9 @@ class ABResult:
     behaviour: str | None = None
     spec: dict[str, Any] | None = None
     items_fingerprint: str = ""
-    form: str = "ab"  # "ab": the answer letter; "cloze": the answer text (steering.cloze)
+    form: str = (
+        "ab"  # "ab": the answer letter; "cloze": the answer text (steering.evaluation.cloze)
+    )
 
     def __str__(self) -> str:
         return (
@@ -74,16 +74,6 @@ class ABResult:
             f"over {self.n_items} items (letter mass {self.letter_mass:.3f}, accuracy "
             f"{self.accuracy:.3f})"
         )
-
-
-def answer_letter(answer: str, what: str = "answer") -> str:
-    """``"(A)"`` -> ``"A"``; anything that is not a capital letter in parentheses is refused."""
-    m = _LETTER_RE.match(answer.strip())
-    if m is None:
-        raise ValueError(
-            f"{what} must be a capital letter in parentheses such as '(A)'; got {answer!r}"
-        )
-    return m.group(1)
 
 
 def items_fingerprint(items: Sequence[CAAItem]) -> str:
@@ -400,8 +390,8 @@ def ab_eval(
     Args:
         lm: the model.
         items_or_behaviour: a CAA behaviour name (its held-out split from
-            :func:`steering.caa.caa_split` with ``seed`` / ``test_frac``, disjoint from the pairs
-            :func:`steering.caa.caa_direction` builds from) or a list of ``CAAItem``.
+            :func:`repe.datasets.caa.caa_split` with ``seed`` / ``test_frac``, disjoint from the pairs
+            :func:`probes.caa.caa_direction` builds from) or a list of ``CAAItem``.
         spec: steer with this spec (inside ``steer(lm, spec)``); None = the unsteered model.
         n_items: evaluate at most this many items, sampled with ``seed`` and spread evenly over the
             matching letters (:func:`stratified_sample`; default: all).
@@ -416,124 +406,3 @@ def ab_eval(
         seed=seed,
         test_frac=test_frac,
     )[0]
-
-
-# ---- the cost: KL and perplexity on neutral text -----------------------------------------------
-def neutral_spec(spec: SteeringSpec) -> SteeringSpec:
-    """The spec as applied to neutral text: text stands in for the steered part of a conversation, so
-    ``positions`` ``"assistant"``, ``"generated"`` and ``"prompt"`` steer every token (``"all"``)."""
-    if isinstance(spec.positions, str) and spec.positions != "all":
-        return replace(spec, positions="all")
-    return spec
-
-
-@dataclass
-class NeutralCosts:
-    """The cost of steering on neutral texts (default: ``repe.datasets.load_neutral()``).
-
-    The unsteered log-probabilities are computed once (``n_tokens x vocab`` floats) and reused, so a
-    sweep pays one steered forward per setting. Every real token counts: KL is averaged over all of them,
-    perplexity over every token that has a predecessor.
-    """
-
-    lm: LoadedModel
-    texts: Sequence[str] | None = None
-    batch_size: int = 16
-    _batches: list[TokenBatch] = field(default_factory=list, init=False, repr=False)
-    _base: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size!r}")
-        texts = list(self.texts) if self.texts is not None else load_neutral()
-        enc = encode(self.lm.tokenizer, texts)
-        if not any(len(e.ids) > 1 for e in enc):
-            raise ValueError("texts: every text is a single token; perplexity needs at least two")
-        pad = self.lm.tokenizer.pad_token_id
-        self._batches = [b for _, b in batches(enc, self.batch_size, pad, "left")]
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(b.n_tokens for b in self._batches)
-
-    def _logprobs(self, batch: TokenBatch, spec: SteeringSpec | None) -> torch.Tensor:
-        """``[B, T, V]`` float32 log-probabilities."""
-        dev = self.lm.device
-        ctx = steer(self.lm, neutral_spec(spec)) if spec is not None else contextlib.nullcontext()
-        with ctx as state, torch.inference_mode():
-            _begin(state, batch)
-            logits = self.lm.model(
-                input_ids=batch.input_ids.to(dev),
-                attention_mask=batch.attention_mask.to(dev),
-                position_ids=batch.position_ids.to(dev),
-            ).logits
-        return logits.float().log_softmax(-1)
-
-    def base(self) -> list[torch.Tensor]:
-        if self._base is None:
-            self._base = [self._logprobs(b, None) for b in self._batches]
-        return self._base
-
-    def measure(self, spec: SteeringSpec | None) -> tuple[float, float]:
-        """(mean KL(base || steered) per real token, perplexity) under ``spec`` (None = unsteered)."""
-        base = self.base()
-        kl_sum, kl_n, nll_sum, nll_n = 0.0, 0, 0.0, 0
-        for b, lp_base in zip(self._batches, base, strict=True):
-            lp = lp_base if spec is None else self._logprobs(b, spec)
-            real = b.attention_mask.to(lp.device).bool()
-            kl = (lp_base.exp() * (lp_base - lp)).sum(-1)  # [B, T]
-            kl_sum += float(kl[real].double().sum())
-            kl_n += int(real.sum())
-            s, n = _nll(lp, b)
-            nll_sum, nll_n = nll_sum + s, nll_n + n
-        return kl_sum / kl_n, math.exp(nll_sum / nll_n)
-
-    def kl(self, spec: SteeringSpec) -> float:
-        """Mean ``KL(base || steered)`` per real token."""
-        return self.measure(spec)[0]
-
-    def perplexity(self, spec: SteeringSpec | None = None) -> float:
-        """Perplexity under ``spec`` (None = unsteered); needs no unsteered pass when steered."""
-        nll_sum, nll_n = 0.0, 0
-        for i, b in enumerate(self._batches):
-            lp = (
-                self._base[i]
-                if self._base is not None and spec is None
-                else self._logprobs(b, spec)
-            )
-            s, n = _nll(lp, b)
-            nll_sum, nll_n = nll_sum + s, nll_n + n
-        return math.exp(nll_sum / nll_n)
-
-
-def _nll(lp: torch.Tensor, b: TokenBatch) -> tuple[float, int]:
-    """Sum and count of next-token NLLs over every real token that has a real predecessor."""
-    real = b.attention_mask.to(lp.device).bool()
-    pred = real[:, :-1] & real[:, 1:]
-    ids = b.input_ids.to(lp.device)
-    nll = -lp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return float(nll[pred].double().sum()), int(pred.sum())
-
-
-def kl_from_base(
-    lm: LoadedModel,
-    spec: SteeringSpec,
-    texts: Sequence[str] | None = None,
-    *,
-    batch_size: int = 16,
-) -> float:
-    """Mean ``KL(base || steered)`` (nats) of the next-token distributions over every real token of
-    neutral text (default: ``repe.datasets.load_neutral()``). 0 for a spec that changes nothing."""
-    return NeutralCosts(lm, texts, batch_size).kl(spec)
-
-
-def perplexity(
-    lm: LoadedModel,
-    texts: Sequence[str] | None = None,
-    spec: SteeringSpec | None = None,
-    *,
-    batch_size: int = 16,
-) -> float:
-    """Perplexity on neutral text (default: ``repe.datasets.load_neutral()``): ``exp`` of the mean
-    next-token NLL over every token that has a predecessor (pooled over texts), under ``spec`` if given."""
-    return NeutralCosts(lm, texts, batch_size).perplexity(spec)

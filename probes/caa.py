@@ -6,16 +6,13 @@ difference between the two residual-stream activations read *at the answer-lette
 "Steering Llama 2 via Contrastive Activation Addition"). Its sign follows the workbench convention:
 positive = the behaviour (``answer_matching_behavior``).
 
->>> train, test_items = caa_split("sycophancy", seed=0)   # disjoint by question
+>>> train, test_items = caa_split("sycophancy", seed=0)   # repe.datasets.caa: disjoint by question
 >>> d = caa_direction(lm, "sycophancy", layers=[11], n_pairs=64)   # built from the train split only
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import itertools
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,57 +20,25 @@ from typing import Any, cast
 
 import torch
 
+from probes.contrast import mean_difference
 from repe.batching import Encoded, Inputs, encode, make_batch
+from repe.calibration import calibrate
 from repe.capture import capture
 from repe.chat import Conversation, render
-from repe.datasets import CAAItem, ContrastDataset, load_caa, load_caa_items
+from repe.datasets import ContrastDataset
+from repe.datasets.caa import caa_split
 from repe.datasets.core import Side
 from repe.directions import Direction
-from repe.hooks import mark
-from repe.kvcache import cache_kwargs
+from repe.hooks import hook_scope
+from repe.kvcache import cache_kwargs, crop_cache
 from repe.models import LoadedModel
 from repe.positions import Index
 from repe.sites import parse_site
-from steering.calibrate import calibrate
 
 METHOD = "caa_mean_diff"
 POSITION = "answer_letter"
 # the end of an answer: "(A", "(A)" or "Answer: (B" (the letter is group 1)
 _ANSWER_RE = re.compile(r"\(([A-Z])\)?\s*$")
-
-
-def caa_split(
-    behaviour: str, seed: int = 0, test_frac: float = 0.2
-) -> tuple[ContrastDataset, list[CAAItem]]:
-    """Split a CAA behaviour's questions into training pairs and held-out A/B items.
-
-    The split is by question (a question never lands on both sides), deterministic for ``seed``; both
-    parts keep the original order. Build vectors from the first part (:func:`caa_direction` does
-    when given a behaviour name) and evaluate on the second (:func:`steering.evaluate.ab_eval`).
-    """
-    if not 0.0 < test_frac < 1.0:
-        raise ValueError(f"test_frac must be strictly between 0 and 1; got {test_frac!r}")
-    items = load_caa_items(behaviour)
-    pairs = load_caa(behaviour)
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(item.question, []).append(i)
-    keys = list(groups)
-    if len(keys) < 2:
-        raise ValueError(f"CAA behaviour {behaviour!r} has fewer than 2 questions; cannot split")
-    random.Random(seed).shuffle(keys)
-    n_test = min(max(round(test_frac * len(keys)), 1), len(keys) - 1)
-    test_idx = sorted(i for k in keys[:n_test] for i in groups[k])
-    test_set = set(test_idx)
-    train_idx = [i for i in range(len(items)) if i not in test_set]
-    split = {"test_frac": test_frac, "seed": seed, "by": "question"}
-    train = ContrastDataset(
-        name=f"{pairs.name}[train]",
-        pairs=[pairs[i] for i in train_idx],
-        source=pairs.source,
-        meta={**pairs.meta, "split": split, "parent_fingerprint": pairs.fingerprint()},
-    )
-    return train, [items[i] for i in test_idx]
 
 
 @dataclass(frozen=True)
@@ -177,17 +142,6 @@ class _Stop(Exception):
     pass
 
 
-_RUN: contextvars.ContextVar[int] = contextvars.ContextVar("repe_caa_run", default=0)
-_RUN_IDS = itertools.count(1)
-
-
-def crop_cache(cache: Any, length: int) -> None:
-    """Drop every cached token after the first ``length`` (``crop(-n)`` drops the last n tokens)."""
-    extra = int(cache.get_seq_length()) - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
 def _capture_letter_pairs(
     lm: LoadedModel,
     pos_ids: Sequence[list[int]],
@@ -205,20 +159,18 @@ def _capture_letter_pairs(
 
     parsed = [parse_site(s, lm.n_layers) for s in sites]
     deepest = max(parsed, key=execution_key)
-    run_id = next(_RUN_IDS)
     got: dict[str, torch.Tensor] = {}
     recording = [False]
 
     def sink(name: str) -> Any:
         def fn(t: torch.Tensor) -> None:
-            if _RUN.get() == run_id and recording[0]:
+            if recording[0]:
                 got[name] = t[:, -1].detach().float().cpu()
 
         return fn
 
     def stop(_t: torch.Tensor) -> None:
-        if _RUN.get() == run_id:
-            raise _Stop
+        raise _Stop
 
     pad = lm.tokenizer.pad_token_id
     dev = lm.device
@@ -226,12 +178,10 @@ def _capture_letter_pairs(
         {s: [] for s in sites},
         {s: [] for s in sites},
     )
-    token = _RUN.set(run_id)
-    handles = []
-    try:
+    with hook_scope() as scope:
         for site in parsed:
-            handles.append(register_capture(lm, site, mark(sink(site.name))))
-        handles.append(register_capture(lm, deepest, mark(stop)))
+            scope.add(register_capture(lm, site, scope.gate(sink(site.name))))
+        scope.add(register_capture(lm, deepest, scope.gate(stop)))
         for start in range(0, len(pos_ids), batch_size):
             chunk = range(start, min(start + batch_size, len(pos_ids)))
             b = make_batch([Encoded(pos_ids[i][:-1], None) for i in chunk], pad, "left")
@@ -262,10 +212,6 @@ def _capture_letter_pairs(
                         )
                     for s in sites:
                         out[s].append(got[s])
-    finally:
-        for h in handles:
-            h.remove()
-        _RUN.reset(token)
     return (
         {s: torch.cat(v) for s, v in outs[0].items()},
         {s: torch.cat(v) for s, v in outs[1].items()},
@@ -346,7 +292,7 @@ def caa_direction(
             letter order never occurs reversed are left out (``params["n_pairs_dropped"]``).
 
     Returns a unit-norm Direction (``method="caa_mean_diff"``) with ``stats[site]["mean_diff_norm"]`` (the
-    raw mean-difference norm) and ``stats[site]["resid_norm"]`` (from :func:`steering.calibrate`).
+    raw mean-difference norm) and ``stats[site]["resid_norm"]`` (from :func:`repe.calibration`).
     """
     if n_pairs is not None and n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1 or None; got {n_pairs!r}")
@@ -400,7 +346,7 @@ def caa_direction(
     vectors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict[str, float]] = {}
     for s in sites:
-        diff = weights @ (pos[s] - neg[s]).double()
+        diff = mean_difference(pos[s], neg[s], weights)
         norm = float(diff.norm())
         if norm == 0.0:
             raise ValueError(

@@ -1,6 +1,6 @@
 """Can this model answer A/B questions at all? A control for CAA's A/B evaluation.
 
-CAA's A/B score (:func:`steering.evaluate.ab_eval`) only measures a behaviour if the model's answer
+CAA's A/B score (:func:`steering.evaluation.ab.ab_eval`) only measures a behaviour if the model's answer
 letter depends on what the options say. Small models often pick a letter without reading the options
 (multiple-choice symbol binding is a late-emerging ability), and then every A/B score sits near 0.5 and
 every A/B shift under steering is item-sampling noise or a change of letter preference, whatever the
@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from repe.datasets import CAAItem, load_ab_control
+from repe.datasets.caa import answer_letter
 from repe.models import LoadedModel
-from steering.evaluate import ABResult, ab_eval_specs, answer_letter
+from steering.evaluation.ab import ABResult, ab_eval_specs
 from steering.spec import SteeringSpec
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.contrast import cohens_d, mean_difference
 from repe.activations import ActivationSet
 
 
@@ -33,12 +34,11 @@ def separation(
     tr, te = torch.tensor(train_idx), torch.tensor(test_idx)
     for site in pos.sites:
         p, n = pos[site].double().flatten(1), neg[site].double().flatten(1)
-        direction = (p[tr] - n[tr]).mean(0)
+        direction = mean_difference(p[tr], n[tr])
         direction = direction / direction.norm().clamp(min=1e-12)
         sp, sn = p[te] @ direction, n[te] @ direction
         acc = (sp > sn).double().mean().item()
-        pooled = torch.cat([sp - sp.mean(), sn - sn.mean()]).std().clamp(min=1e-12)
-        out.append(SiteSeparation(site, acc, ((sp.mean() - sn.mean()) / pooled).item()))
+        out.append(SiteSeparation(site, acc, cohens_d(sp, sn)))
     return out
 
 
