@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
@@ -65,9 +64,10 @@ class HookScope:
     def gate(self, fn: F) -> F:
         """``fn`` run only for calls made inside this scope (returns None elsewhere), marked as ours."""
 
-        @functools.wraps(fn)
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            if self.key in _OPEN.get():
+        key = self.key
+
+        def gated(*args: Any, **kwargs: Any) -> Any:  # no functools.wraps: steer() toggles cheaply
+            if key in _OPEN.get():
                 return fn(*args, **kwargs)
             return None
 
