@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,26 +187,48 @@ def _colour(value: float, vmax: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def _text_colour(value: float, vmax: float) -> str:
+    """Dark text on pale backgrounds, white on strong ones (readable either way)."""
+    t = abs(value / vmax) if vmax > 0 else 0.0
+    return "#fff" if t > 0.55 else "#111"
+
+
+def colour_scale(values: Sequence[float], quantile: float = 0.95) -> float:
+    """The |value| that gets the full colour: the ``quantile`` of the absolute values, leaving the
+    first token out. Many models park a huge activation on the first token (the attention sink,
+    |value| in the thousands on SmolLM2); scaled by it, every other token would look neutral.
+    Larger values clip to the full colour."""
+    rest = [abs(v) for v in (values[1:] if len(values) > 1 else values)]
+    if not rest:
+        return 0.0
+    ranked = sorted(rest)
+    top = ranked[min(len(ranked) - 1, max(0, math.ceil(quantile * len(ranked)) - 1))]
+    return top if top > 0 else ranked[-1]
+
+
 def scan_html(result: ScanResult, *, vmax: float | None = None) -> str:
     """The tokens as HTML spans on a red (negative) - white - green (positive) scale.
 
     Token text is escaped; whitespace is kept (``white-space: pre-wrap``). ``vmax`` sets the value
-    that gets the full colour (default: the largest absolute value)."""
-    top = vmax if vmax is not None else max((abs(v) for v in result.values), default=0.0)
+    that gets the full colour (default: :func:`colour_scale`, which leaves the first token out and
+    clips the top 5%)."""
+    top = vmax if vmax is not None else colour_scale(result.values)
     spans = []
     for i, (tok, v) in enumerate(result):
         if result.assistant_start is not None and i == result.assistant_start:
             spans.append('<span style="border-left:2px solid #555;margin-left:1px"></span>')
         spans.append(
             f'<span title="{html.escape(f"{tok!r}: {v:+.3f}", quote=True)}" '
-            f'style="background:{_colour(v, top)}">{html.escape(tok)}</span>'
+            f'style="background:{_colour(v, top)};color:{_text_colour(v, top)}">'
+            f"{html.escape(tok)}</span>"
         )
+    chip = "color:#fff;font-weight:600;border-radius:3px;padding:0 4px"
     legend = (
         f'<div style="font-size:0.8em;color:#555;margin-bottom:4px">'
         f"{html.escape(result.direction)} at {html.escape(result.site)}: "
-        f'<span style="background:{_colour(-1, 1)}">&nbsp;absent&nbsp;</span> '
-        f'<span style="background:{_colour(1, 1)}">&nbsp;present&nbsp;</span> '
-        f"(full colour at |value| = {top:.3g})</div>"
+        f'<span style="background:{_colour(-1, 1)};{chip}">absent</span> '
+        f'<span style="background:{_colour(1, 1)};{chip}">present</span> '
+        f"(full colour at |value| &ge; {top:.3g}; the first token is left out of the scale)</div>"
     )
     return (
         '<div class="repe-scan" style="font-family:monospace;white-space:pre-wrap;'

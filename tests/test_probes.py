@@ -522,3 +522,32 @@ def test_run_probe_on_a_pairs_file(tiny_lm, tmp_path):
 def test_nan_free_metrics(toy_sweep):
     for s in toy_sweep.scores:
         assert all(math.isfinite(v) for v in (s.accuracy, s.auroc, s.pair_accuracy, s.cohens_d))
+
+
+def test_scan_colour_scale_leaves_the_attention_sink_out() -> None:
+    """The first token's huge activation (the attention sink) must not set the colour scale: on
+    SmolLM2 it is ~2.5e3 while the others are ~1, and every other token looked neutral."""
+    from probes.scan import ScanResult, colour_scale
+
+    values = [2500.0, 1.0, -0.8, 0.5, -1.2, 0.9, 0.1, -0.3, 0.7, 1.1]
+    res = ScanResult(
+        tokens=[f"t{i}" for i in range(len(values))],
+        values=values,
+        raw=values,
+        site="blocks.1.hook_resid_post",
+        direction="d",
+        center=0.0,
+        scale=1.0,
+    )
+    top = colour_scale(values)
+    assert 1.0 <= top <= 1.2, top
+    page = scan_html(res)
+    # the second token (value 1.0) is strongly green, not near-white as under a 2500 scale
+    marker = 'title="&#x27;t1&#x27;: +1.000" style="background:#'
+    assert marker in page
+    colour = page.split(marker)[1][:6]
+    r, g, b = (int(colour[i : i + 2], 16) for i in (0, 2, 4))
+    assert g - r > 80, colour
+    # the legend chips are readable: white bold text on the saturated colours
+    assert page.count("color:#fff;font-weight:600") == 2
+    assert "the first token is left out of the scale" in page
