@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts only app/ on t
 
 import streamlit as st  # noqa: E402
 
+from app import nav  # noqa: E402
 from app.views import export, model_data, read, steer  # noqa: E402
 
 
@@ -25,7 +26,10 @@ def main() -> None:
         st.Page(steer.render, title="Steer live", url_path="steer"),
         st.Page(export.render, title="Export", url_path="export"),
     ]
-    st.navigation(pages).run()
+    nav.PAGES.update(zip(("model", "read", "steer", "export"), pages, strict=True))
+    current = st.navigation(pages)
+    nav.follow()
+    current.run()
 
 
 main()

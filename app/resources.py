@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from repe.calibration import residual_norms
+from repe.calibration import cached_residual_norms, norms_cache_file
+from repe.datasets import load_neutral
 from repe.models import LoadedModel, load_model
-from repe.sites import resid_post_sites
 from steering.evaluation.control import ABControl, ab_control
 
 
@@ -28,12 +28,34 @@ def current_model(path: str) -> LoadedModel | None:
         return None
 
 
-@st.cache_data(show_spinner="Measuring residual-stream norms (once per model)…")
-def resid_norms(path: str = "") -> dict[str, float]:
-    """Median residual norm of every block's output on neutral text (for ``scale="relative"``);
-    read-only data derived from the shared model, so shared between sessions too."""
+def resid_norms(path: str, sites: tuple[str, ...]) -> dict[str, float]:
+    """Median residual norm at ``sites`` on neutral text (for ``scale="relative"``), measured once
+    per model and site and kept on disk (``repe.calibration.cached_residual_norms``), so a new
+    session, a reload or a restart of the app never measures the same site twice. A first
+    measurement says what it waits for."""
     lm = get_model(path)
-    return residual_norms(lm, resid_post_sites(range(lm.n_layers)))
+    if not norms_cached(path, sites):
+        layers = ", ".join(s.split(".")[1] for s in sites)
+        with st.spinner(
+            f"Measuring the residual-stream norm at block {layers} on "
+            f"{len(load_neutral())} neutral texts, once per model (it sets what coefficient 0.1 "
+            "means in the relative scale)…"
+        ):
+            return cached_residual_norms(lm, list(sites))
+    return cached_residual_norms(lm, list(sites))
+
+
+def norms_cached(path: str, sites: tuple[str, ...]) -> bool:
+    """Whether every site's norm is in the disk cache already."""
+    import json
+
+    f = norms_cache_file(get_model(path))
+    if not f.is_file():
+        return False
+    try:
+        return set(sites) <= set(json.loads(f.read_text(encoding="utf-8")))
+    except ValueError:
+        return False
 
 
 @st.cache_data(show_spinner="Checking whether the model reads A/B options (once per model)…")

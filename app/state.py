@@ -50,6 +50,7 @@ class AppState:
     steered_text: str = ""
     steered_key: tuple[Any, ...] = ()  # the setting steered_text was generated with
     coeff_sweep: SweepReport | None = None  # the Steer page's last coefficient sweep
+    setting_kl: tuple[tuple[Any, ...], float] = ((), 0.0)  # (steered_key, KL of that setting)
     # the last sweep's directions, built once per sweep: (the SweepResult they came from, by name)
     sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
 

@@ -45,19 +45,30 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def sweep_figure(result: SweepResult, metric: str = "auroc") -> Any:
+def sweep_figure(
+    result: SweepResult,
+    metric: str = "auroc",
+    readers: list[str] | None = None,
+    height: int | None = None,
+) -> Any:
     """Score by layer, one line per reader, with the bootstrap 95% interval as a shaded band.
 
     ``metric``: one of auroc, accuracy, pair_accuracy, cohens_d, train_accuracy (bands for the
     first two). When the sweep spans more than one kind of site, the x axis lists site names.
+    ``readers``: only these (default: all); ``height``: in pixels (default: plotly's).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    for r in readers or []:
+        if r not in result.readers:
+            raise ValueError(f"reader {r!r} is not in this sweep; it has {result.readers}")
     go = _go()
     kinds = {s.split(".", 2)[2] for s in result.sites}
     by_layer = len(kinds) == 1
     fig = go.Figure()
     for i, reader in enumerate(result.readers):
+        if readers is not None and reader not in readers:
+            continue
         colour = _COLOURS[i % len(_COLOURS)]
         scores = result.reader_scores(reader)
         x = [s.layer if by_layer else s.site for s in scores]
@@ -123,6 +134,8 @@ def sweep_figure(result: SweepResult, metric: str = "auroc") -> Any:
         hovermode="closest",
         legend_title="reader",
     )
+    if height is not None:
+        fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 40, "b": 30})
     return fig
 
 

@@ -3,11 +3,15 @@ and store it in the direction's ``stats`` so that ``coeff=0.1`` means 10% of tha
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from repe.atomic import write_text
 from repe.capture import capture
 from repe.datasets.neutral import load_neutral
 from repe.directions import Direction
@@ -71,3 +75,37 @@ def is_calibrated(direction: Direction) -> bool:
     return source.startswith(STATISTIC) and all(
         "resid_norm" in direction.stats.get(s, {}) for s in direction.sites
     )
+
+
+def norms_cache_file(lm: LoadedModel, texts: Sequence[str] | None = None) -> Path:
+    """Where :func:`cached_residual_norms` keeps one model's norms: named by the model's identity
+    (config and weights hashes), its dtype and the calibration source (statistic and texts)."""
+    from repe.models import cache_root
+
+    key = json.dumps(
+        [lm.identity.to_dict(), str(lm.dtype), calibration_source(texts)], sort_keys=True
+    )
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    return cache_root() / "norms" / f"{digest}.json"
+
+
+def cached_residual_norms(
+    lm: LoadedModel, sites: Sequence[str], texts: Sequence[str] | None = None
+) -> dict[str, float]:
+    """:func:`residual_norms` at ``sites``, measured once per model and kept on disk (in the repe
+    cache folder, ``REPE_CACHE``); only sites not measured before run the model. The values are
+    those :func:`calibrate` writes (same texts, same statistic)."""
+    path = norms_cache_file(lm, texts)
+    known: dict[str, float] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            known = {str(k): float(v) for k, v in loaded.items()}
+        except (ValueError, TypeError, AttributeError):
+            known = {}  # a damaged cache file is measured again and rewritten
+    missing = [s for s in sites if s not in known]
+    if missing:
+        known.update(residual_norms(lm, missing, texts))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(known, indent=1, sort_keys=True))
+    return {s: known[s] for s in sites}

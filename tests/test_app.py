@@ -139,6 +139,11 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
         "both answers side by side"
     )
     assert isinstance(st1.spec, SteeringSpec) and st1.spec.coeff == 0.5
+    # the embedded model does not read A/B options: the page defaults to scoring answer texts
+    assert at.radio(key="eval_form").value == "answer texts (cloze)"
+    assert at.slider(key="eval_items").label == "Cloze items"
+    at.radio(key="eval_form").set_value("A/B letters").run()
+    assert at.slider(key="eval_items").label == "A/B items"
     at.slider(key="eval_items").set_value(4)
     at.slider(key="eval_texts").set_value(2)
     next(b for b in at.button if b.label == "Measure").click().run()
@@ -172,7 +177,9 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     state.steer = SteerSettings(coeff=0.0, max_new_tokens=4)
     at = page("steer", state).run()
     no_errors(at)
-    assert not at.get("plotly_chart"), "no sweep curve before a sweep"
+    assert len(at.get("plotly_chart")) == 1, "only the layer profile before a sweep"
+    assert at.radio(key="sweep_form").value == "answer texts (cloze)"
+    at.radio(key="sweep_form").set_value("A/B letters").run()
     at.text_input(key="sweep_coeffs").set_value("-0.5, 0.5, 1.0")
     at.slider(key="sweep_items").set_value(4)
     at.slider(key="sweep_texts").set_value(2)
@@ -182,7 +189,7 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     report = at.session_state[STATE_KEY].coeff_sweep
     assert report is not None and report.coeffs == [-0.5, 0.0, 0.5, 1.0]
     assert report.layers == at.session_state[STATE_KEY].steer.layers
-    assert len(at.get("plotly_chart")) == 1, "the sweep curve"
+    assert len(at.get("plotly_chart")) == 2, "the layer profile and the sweep curve"
     assert report.control is not None and not report.control.reads_choices
     assert any("does not read A/B options" in w.value for w in at.warning)
     rec = report.recommended
@@ -293,3 +300,110 @@ def test_steer_page_defaults_to_the_directions_best_site(swept: AppState) -> Non
     no_errors(at)
     layers = next(m for m in at.multiselect if m.label == "Layers")
     assert layers.value == [10]
+
+
+# ---- Read flows into Steer (issue 13) ---------------------------------------------------------------
+@pytest.mark.integration
+def test_read_page_says_what_its_scores_rest_on(swept: AppState) -> None:
+    """8 pairs leave 2-3 held out: the figures say so, with a warning; the scan uses the best reader;
+    the best direction downloads as an artifact pair."""
+    import io
+    import zipfile
+
+    best = swept.sweep.best()
+    at = page("read", fresh(swept)).run()
+    no_errors(at)
+    success = at.success[0].value
+    assert f"on {best.n_test} held-out pairs" in success and best.reader in success
+    assert "no interval: bootstrap resamples = 0" in success  # the fixture swept with 0 resamples
+    assert best.n_test < 10
+    assert any(w.value.startswith(f"Only {best.n_test} held-out pairs") for w in at.warning)
+    scan_reader = next(s for s in at.selectbox if s.label == "Direction (reader)")
+    assert scan_reader.value == best.reader
+    dl = at.get("download_button")
+    assert len(dl) == 1
+    # the download's bytes: the page builds them with direction_zip; check that helper's output
+    from app.views.export import direction_zip
+
+    name = f"{swept.sweep_concept}_{best.reader}".replace("/", "_")
+    data = direction_zip(swept.sweep.to_direction(best.reader, name=name), "d")
+    assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == ["d.json", "d.safetensors"]
+
+
+@pytest.mark.integration
+def test_steer_defaults_to_reads_best_reader_and_layer(swept: AppState) -> None:
+    best = swept.sweep.best()
+    state = fresh(swept)
+    state.steer = SteerSettings(coeff=0.0, max_new_tokens=4)
+    at = page("steer", state).run()
+    no_errors(at)
+    assert at.multiselect[0].value == [f"{swept.sweep_concept}:{best.reader}"]
+    layers = next(m for m in at.multiselect if m.label == "Layers")
+    assert layers.value == [best.layer]
+    assert len(at.get("plotly_chart")) == 1, "the sweep's score by layer beside the layer picker"
+
+
+@pytest.mark.integration
+def test_steer_with_this_on_read_sets_the_steer_page(swept: AppState) -> None:
+    state = fresh(swept)
+    state.steer = SteerSettings(["x"], [1.0], layers=[3], coeff=0.0, max_new_tokens=4)
+    at = page("read", state).run()
+    no_errors(at)
+    next(b for b in at.button if b.label == "Steer with this").click().run()
+    no_errors(at)
+    best = swept.sweep.best()
+    steer = at.session_state[STATE_KEY].steer
+    assert steer.direction_names == [f"{swept.sweep_concept}:{best.reader}"]
+    assert steer.layers == [best.layer]
+
+
+def test_small_sample_warning_threshold() -> None:
+    from app.views.read import small_sample_warning
+
+    assert small_sample_warning(10) is None
+    w = small_sample_warning(2)
+    assert w is not None and "5 values" in w and "steps of 0.25" in w
+
+
+def test_sweep_figure_names_its_form_and_axes() -> None:
+    from steering.evaluation.sweep import SweepReport, SweepRow, sweep_figure
+
+    rows = [
+        SweepRow(3, "blocks.3.hook_resid_post", c, 0.5 + c / 10, c / 10, 0.5, abs(c) / 10, 9.0, 0.9)
+        for c in (-1.0, 0.0, 1.0)
+    ]
+    for form, word in (("cloze", "cloze"), ("ab", "A/B")):
+        report = SweepReport(
+            "b", rows, 0.05, "relative", "add", "all", 8, 0.5, 9.0, None, form=form
+        )
+        fig = sweep_figure(report)
+        titles = [a.text for a in fig.layout.annotations]
+        assert any(word in t for t in titles), titles
+        assert word in fig.layout.yaxis.title.text
+        assert fig.layout.yaxis2.title.text == "KL (nats/token)"
+        assert any("KL budget 0.05" in t for t in titles)
+
+
+@pytest.mark.integration
+def test_steer_page_shows_the_settings_kl_and_warns_over_budget(swept: AppState) -> None:
+    from app.resources import get_model
+    from repe.datasets import load_neutral
+    from steering.evaluation.costs import kl_from_base
+
+    state = fresh(swept)
+    state.steer = SteerSettings(max_new_tokens=4)  # the page's default coefficient, 0.25 relative
+    at = page("steer", state).run()
+    no_errors(at)
+    st1 = at.session_state[STATE_KEY]
+    kl = kl_from_base(get_model(""), st1.spec, load_neutral()[:4])
+    assert st1.setting_kl[1] == pytest.approx(kl)
+    over = [w.value for w in at.warning if "over the default budget" in w.value]
+    within = [c.value for c in at.caption if "within the default budget" in c.value]
+    if kl > 0.1:
+        assert len(over) == 1 and f"{kl:.3f} nats/token" in over[0] and not within
+    else:
+        assert len(within) == 1 and not over
+    coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
+    coeff.set_value(0.0).run()
+    no_errors(at)
+    assert any("KL from the unsteered model at this setting: 0.000" in c.value for c in at.caption)

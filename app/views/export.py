@@ -11,6 +11,7 @@ import streamlit as st
 
 from app.names import inside, safe_name
 from app.state import get_state
+from repe.directions import Direction
 from repe.sites import parse_site
 from steering.export import export, llama_cpp_command
 from steering.spec import SteeringSpec
@@ -30,6 +31,17 @@ def export_bytes(spec: SteeringSpec, fmt: str, name: str, fold_coeff: bool = Fal
         out = export(spec, inside(tmp, name), fmt, fold_coeff=fold_coeff)
         if fmt != "safetensors":
             return Path(out).read_bytes()
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for f in sorted(Path(tmp).iterdir()):
+                zf.write(f, f.name)
+        return buf.getvalue()
+
+
+def direction_zip(direction: Direction, name: str) -> bytes:
+    """A direction's artifact pair (``name.safetensors`` + ``name.json``), zipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        direction.save(inside(tmp, name))
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
             for f in sorted(Path(tmp).iterdir()):

@@ -9,12 +9,15 @@ import streamlit as st
 
 from app.errors import shown_errors
 from app.jobs import cancel_button, progress_bar, show_cancelled
+from app.names import safe_name
+from app.nav import go_to
 from app.resources import current_model
 from app.state import AppState, get_state
+from app.views.export import direction_zip
 from probes.plots import pca_scatter, sweep_figure
 from probes.readers import reader_names
 from probes.scan import scan, scan_html
-from probes.sweep import split_indices, sweep
+from probes.sweep import SiteScore, split_indices, sweep
 from repe.capture import capture
 from repe.datasets import ContrastDataset, list_concepts, load_concept
 from repe.models import LoadedModel
@@ -92,6 +95,45 @@ def run_sweep(lm: LoadedModel, state: AppState, request: SweepRequest) -> None:
     state.acts_pos, state.acts_neg = pos, neg
 
 
+MIN_HELD_OUT = 10  # below this many held-out pairs the scores say little
+
+
+def best_message(concept: str, best: SiteScore) -> str:
+    """The sweep's best reader and site, with how many held-out pairs the figures rest on and their
+    95% intervals (or why there are none)."""
+
+    def ci(interval: tuple[float, float] | None) -> str:
+        return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+    no_ci = "" if best.auroc_ci else "; no interval: bootstrap resamples = 0"
+    return (
+        f"{concept}: best {best.reader} at {best.site} — AUROC {best.auroc:.3f}{ci(best.auroc_ci)}, "
+        f"accuracy {best.accuracy:.3f}{ci(best.accuracy_ci)} on {best.n_test} held-out pairs "
+        f"({best.n_train} for training{no_ci})"
+    )
+
+
+def small_sample_warning(n_test: int) -> str | None:
+    """A warning when the held-out set is too small for its scores to mean much."""
+    if n_test >= MIN_HELD_OUT:
+        return None
+    return (
+        f"Only {n_test} held-out pair{'s' if n_test != 1 else ''}: AUROC can take only "
+        f"{n_test * n_test + 1} values (steps of {1 / max(n_test * n_test, 1):.3g}) and a perfect "
+        f"score happens by chance easily. Raise 'Max pairs' (at least {MIN_HELD_OUT} held-out "
+        f"pairs, i.e. about {int(MIN_HELD_OUT / 0.3) + 1} pairs in all) before reading anything "
+        "into these scores."
+    )
+
+
+def steer_with(state: AppState, direction_name: str, layer: int) -> None:
+    """Button callback: make this direction and layer the Steer page's setting and go there."""
+    state.steer.direction_names = [direction_name]
+    state.steer.weights = [1.0]
+    state.steer.layers = [layer]
+    go_to("steer")
+
+
 def render() -> None:
     state = get_state()
     st.header("Read")
@@ -109,11 +151,34 @@ def render() -> None:
         st.info("Run a sweep to see the scores by layer.")
         return
     best = result.best()
-    st.success(
-        f"{state.sweep_concept}: best {best.reader} at {best.site} "
-        f"(AUROC {best.auroc:.3f}, accuracy {best.accuracy:.3f})"
+    st.success(best_message(state.sweep_concept, best))
+    small = small_sample_warning(best.n_test)
+    if small:
+        st.warning(small)
+    c1, c2 = st.columns(2)
+    c1.button(
+        "Steer with this",
+        type="primary",
+        on_click=steer_with,
+        args=(state, f"{state.sweep_concept}:{best.reader}", best.layer),
+        help="Open Steer live with this reader's direction at its best layer.",
     )
-    metric = st.radio("Metric", ["auroc", "accuracy"], horizontal=True)
+    name = safe_name(f"{state.sweep_concept}_{best.reader}")
+    c2.download_button(
+        f"Download the {best.reader} direction (safetensors + json, zipped)",
+        direction_zip(result.to_direction(best.reader, name=name), name),
+        f"{name}.zip",
+        "application/zip",
+        key="dl_read_direction",
+        help="The artifact pair repe steer / repe export and the Steer page's upload read.",
+    )
+    metric = st.radio(
+        "Metric",
+        ["auroc", "accuracy"],
+        horizontal=True,
+        help="AUROC: how well the projection ranks held-out positives above negatives (0.5 = "
+        "chance). Accuracy: held-out pairs on the right side of the reader's threshold.",
+    )
     st.plotly_chart(sweep_figure(result, metric))
     with st.expander("Table"):
         st.dataframe(result.rows())
@@ -125,7 +190,12 @@ def render() -> None:
             st.plotly_chart(pca_scatter(state.acts_pos, state.acts_neg, site))
 
     st.subheader("Token scan")
-    reader = st.selectbox("Direction (reader)", result.readers)
+    reader = st.selectbox(
+        "Direction (reader)",
+        result.readers,
+        index=result.readers.index(best.reader),
+        help="Which fitted reader's direction to scan with (default: the sweep's best).",
+    )
     text = st.text_area("Text to scan", "I told my friend the truth about what happened.")
     if text.strip():
         with shown_errors("The scan"):

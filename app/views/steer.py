@@ -16,6 +16,7 @@ from app.jobs import cancel_button, progress_bar, show_cancelled
 from app.names import inside, safe_name
 from app.resources import ab_control_result, current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
+from probes.plots import sweep_figure as sweep_figure_probe
 from repe.calibration import is_calibrated, with_norms
 from repe.datasets import list_concepts, load_neutral
 from repe.directions import Direction
@@ -36,16 +37,28 @@ OTHER_COEFF_RANGE = (-40.0, 40.0, 8.0, 0.5)
 FORMS = {"A/B letters": "ab", "answer texts (cloze)": "cloze"}
 
 
-def form_choice(key: str) -> str:
-    """A radio for the scoring form; returns ``"ab"`` or ``"cloze"``."""
+WHAT = {"ab": "A/B", "cloze": "Cloze"}  # each form's name in labels and messages
+
+
+def default_form(model_path: str) -> str:
+    """What the A/B control says works: ``"cloze"`` when the model does not read A/B options."""
+    return "ab" if ab_control_result(model_path).reads_choices else "cloze"
+
+
+def form_choice(key: str, model_path: str) -> str:
+    """A radio for the scoring form (default: what the A/B control says works for this model);
+    returns ``"ab"`` or ``"cloze"``."""
+    labels = list(FORMS)
     label = st.radio(
         "Score",
-        list(FORMS),
+        labels,
+        index=list(FORMS.values()).index(default_form(model_path)),
         key=key,
         horizontal=True,
         help="A/B letters: CAA's evaluation, p(matching letter). Answer texts (cloze): the stem as "
         "the question and each option's text as the answer, for models that do not read A/B "
-        "options (the page warns when the model is one).",
+        "options. The default is what the A/B control (does the answer letter depend on the "
+        "options at all?) says works for this model.",
     )
     return FORMS[str(label)]
 
@@ -97,10 +110,27 @@ def load_uploaded_artifacts(lm: LoadedModel, files: list[Any]) -> dict[str, Dire
     return out
 
 
-def direction_ui(names: list[str], current: SteerSettings) -> tuple[list[str], list[float]]:
+def preferred_direction(state: AppState, names: list[str]) -> list[str]:
+    """The default direction: the Read page's best reader, when there is a sweep."""
+    if state.sweep is not None:
+        best = f"{state.sweep_concept}:{state.sweep.best().reader}"
+        if best in names:
+            return [best]
+    return names[:1]
+
+
+def direction_ui(
+    names: list[str], current: SteerSettings, preferred: list[str]
+) -> tuple[list[str], list[float]]:
     """The directions to combine and their weights."""
-    default = [n for n in current.direction_names if n in names] or names[:1]
-    chosen = st.multiselect("Directions (combined with weights)", names, default=default)
+    default = [n for n in current.direction_names if n in names] or preferred
+    chosen = st.multiselect(
+        "Directions (combined with weights)",
+        names,
+        default=default,
+        help="Directions from the Read page's sweep (concept:reader) or uploaded artifacts. "
+        "Several are added up with the weights below.",
+    )
     weights = []
     for i, name in enumerate(chosen):
         weights.append(
@@ -109,29 +139,75 @@ def direction_ui(names: list[str], current: SteerSettings) -> tuple[list[str], l
     return chosen, weights
 
 
+HELP = {
+    "operator": "How the direction changes the activations at each chosen layer: add c*v (add), "
+    "add and keep the norm (add_norm_preserving), remove the direction (ablate), remove then add "
+    "(ablate_add) or pin the projection to a value (clamp).",
+    "scale": "The unit of the coefficient. relative: a fraction of the typical residual-stream norm "
+    "at the layer (0.1 = 10%), measured once per model on neutral text; unit: multiples of the unit "
+    "direction; raw: the stored vector as it is.",
+    "layers": "Blocks whose output (the residual stream after block L, site "
+    "blocks.L.hook_resid_post) is steered. The default is the direction's best layer; the plot "
+    "shows how well each layer reads the concept.",
+    "coeff": "Strength and sign: positive pushes toward the concept, negative away from it.",
+}
+
+
 def setting_ui(
-    layers: list[int], current: SteerSettings, suggested: list[int] | None = None
+    layers: list[int],
+    current: SteerSettings,
+    suggested: list[int] | None = None,
+    profile: Any = None,
 ) -> SteerSettings:
     """Operator, layers, scale and coefficient. ``suggested``: the layers steered by default (the
-    direction's best site, as ``repe steer`` and ``repe export`` use)."""
+    direction's best site, as ``repe steer`` and ``repe export`` use); ``profile``: a small figure of
+    the sweep's score by layer, shown beside the layer picker."""
     c1, c2 = st.columns(2)
     ops = sorted(OPERATORS)
-    operator = c1.selectbox("Operator", ops, index=ops.index(current.operator))
-    scale = c2.selectbox("Scale", list(SCALES), index=list(SCALES).index(current.scale))
+    operator = c1.selectbox(
+        "Operator", ops, index=ops.index(current.operator), help=HELP["operator"]
+    )
+    scale = c2.selectbox(
+        "Scale", list(SCALES), index=list(SCALES).index(current.scale), help=HELP["scale"]
+    )
     mid = layers[len(layers) // 2]
     default_layers = (
         [layer for layer in current.layers if layer in layers]
         or [layer for layer in suggested or [] if layer in layers]
         or [mid]
     )
-    chosen = st.multiselect("Layers", layers, default=default_layers)
+    if profile is not None:
+        left, right = st.columns([2, 3])
+        chosen = left.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
+        right.plotly_chart(profile, key="layer_profile")
+    else:
+        chosen = st.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
     lo, hi, default, step = COEFF_RANGE.get(scale, OTHER_COEFF_RANGE)
     if scale == current.scale and lo <= current.coeff <= hi:
         default = current.coeff
-    coeff = st.slider(f"Coefficient ({scale} units)", lo, hi, default, step, key=f"coeff_{scale}")
-    prompt = st.text_input("Prompt", current.prompt)
-    tokens = st.slider("New tokens", 4, 128, current.max_new_tokens)
+    coeff = st.slider(
+        f"Coefficient ({scale} units)",
+        lo,
+        hi,
+        default,
+        step,
+        key=f"coeff_{scale}",
+        help=HELP["coeff"],
+    )
+    prompt = st.text_input("Prompt", current.prompt, help="The user turn (chat template applied).")
+    tokens = st.slider("New tokens", 4, 128, current.max_new_tokens, help="Greedy decoding.")
     return SteerSettings([], [], operator, sorted(chosen), float(coeff), scale, prompt, int(tokens))
+
+
+def layer_profile(state: AppState, name: str) -> Any:
+    """The sweep's held-out AUROC by layer for the reader behind direction ``name`` (None when the
+    direction did not come from the sweep)."""
+    if state.sweep is None or not name.startswith(f"{state.sweep_concept}:"):
+        return None
+    reader = name.split(":", 1)[1]
+    if reader not in state.sweep.readers:
+        return None
+    return sweep_figure_probe(state.sweep, "auroc", readers=[reader], height=230)
 
 
 def build_spec(state: AppState, library: dict[str, Direction], s: SteerSettings) -> SteeringSpec:
@@ -157,10 +233,33 @@ def build_spec(state: AppState, library: dict[str, Direction], s: SteerSettings)
     if s.scale == "relative" and not is_calibrated(combined):
         # the same calibration as repe.calibration (same texts, same statistic), measured once per
         # model for every site and cached; a direction that carries its calibration keeps it
-        combined = with_norms(
-            combined, {site: resid_norms(state.model_path)[site] for site in sites}
-        )
+        combined = with_norms(combined, resid_norms(state.model_path, tuple(sites)))
     return SteeringSpec(combined, coeff=s.coeff, operator=s.operator, scale=s.scale)
+
+
+KL_BUDGET = 0.1  # nats/token: the coefficient sweep's default budget
+KL_TEXTS = 4  # neutral texts the page's KL note is measured on
+
+
+def kl_note(lm: LoadedModel, state: AppState, spec: SteeringSpec) -> None:
+    """What the current setting costs: KL from the unsteered model on a few neutral texts (measured
+    once per setting, after the answers are shown), with a warning above the default budget."""
+    if state.setting_kl[0] != state.steered_key:
+        kl = kl_from_base(lm, spec, load_neutral()[:KL_TEXTS])
+        state.setting_kl = (state.steered_key, kl)
+    kl = state.setting_kl[1]
+    text = (
+        f"KL from the unsteered model at this setting: {kl:.3f} nats/token "
+        f"(on {KL_TEXTS} neutral texts)"
+    )
+    if kl > KL_BUDGET:
+        st.warning(
+            f"{text}: over the default budget of {KL_BUDGET:g}. This setting changes the model's "
+            "next-token distributions a lot; lower the coefficient (or run the coefficient sweep "
+            "below for the strongest setting within budget)."
+        )
+    else:
+        st.caption(f"{text}, within the default budget of {KL_BUDGET:g}.")
 
 
 def display(text: str) -> str:
@@ -194,28 +293,37 @@ def evaluation_ui(lm: LoadedModel, spec: SteeringSpec, model_path: str) -> None:
             st.info("No CAA behaviours are shipped.")
             return
         behaviour = st.selectbox("CAA behaviour", names, key="eval_behaviour")
-        form = form_choice("eval_form")
-        n_items = st.slider("A/B items", 4, 100, 16, key="eval_items")
+        form = form_choice("eval_form", model_path)
+        n_items = st.slider(
+            f"{WHAT[form]} items",
+            4,
+            100,
+            16,
+            key="eval_items",
+            help="Held-out CAA questions (never used to build a vector).",
+        )
         n_texts = st.slider(
             "Neutral texts for the KL", 2, len(load_neutral()), 16, key="eval_texts"
         )
         if st.button("Measure"):
             cancel_button("measurement", "measure")
             with shown_errors("The evaluation"):
-                report = progress_bar("A/B answers…")
+                report = progress_bar(f"{WHAT[form]} answers…")
                 evaluate = ab_eval_specs if form == "ab" else cloze_eval_specs
                 base, steered = evaluate(
                     lm,
                     behaviour,
                     [None, spec],
                     n_items=n_items,
-                    progress=lambda d, n: report(0.8 * d / n, f"A/B answers: {d}/{n} passes"),
+                    progress=lambda d, n: report(
+                        0.8 * d / n, f"{WHAT[form]} answers: {d}/{n} passes"
+                    ),
                 )
                 report(0.8, "KL on neutral text…")
                 kl = kl_from_base(lm, spec, load_neutral()[:n_texts])
                 report(1.0, "Done")
                 c1, c2, c3 = st.columns(3)
-                what = "A/B" if form == "ab" else "Cloze"
+                what = WHAT[form]
                 c1.metric(f"{what} matching (base)", f"{base.score:.3f}")
                 c2.metric(
                     f"{what} matching (steered)",
@@ -274,12 +382,19 @@ def coeff_sweep_ui(
             st.info("No CAA behaviours are shipped.")
             return
         behaviour = st.selectbox("CAA behaviour", names, key="sweep_behaviour")
-        form = form_choice("sweep_form")
+        form = form_choice("sweep_form", state.model_path)
         default = "-0.5, -0.25, 0.25, 0.5" if settings.scale == "relative" else "-8, -4, 4, 8"
         text = st.text_input(f"Coefficients ({settings.scale} units)", default, key="sweep_coeffs")
         c1, c2, c3 = st.columns(3)
         budget = c1.number_input("KL budget (nats/token)", 0.001, 10.0, 0.1, 0.01, format="%.3f")
-        n_items = c2.slider("A/B items", 4, 100, 16, key="sweep_items")
+        n_items = c2.slider(
+            f"{WHAT[form]} items",
+            4,
+            100,
+            16,
+            key="sweep_items",
+            help="Held-out CAA questions (never used to build a vector).",
+        )
         n_texts = c3.slider("Neutral texts", 2, len(load_neutral()), 8, key="sweep_texts")
         if st.button("Run coefficient sweep"):
             cancel_button("coefficient sweep", "coeff_sweep")
@@ -308,14 +423,14 @@ def coeff_sweep_ui(
         rec = report.recommended
         if rec is None:
             st.info(
-                f"No setting moved the A/B answers toward {report.behaviour} within the KL budget "
-                f"of {report.kl_budget:g}."
+                f"No setting moved the {WHAT[report.form]} scores toward {report.behaviour} "
+                f"within the KL budget of {report.kl_budget:g}."
             )
         else:
             noise = "" if rec.beyond_noise else "; within two standard errors of zero"
             st.success(
                 f"Recommended: layer {rec.layer}, coefficient {rec.coeff:g} "
-                f"({'A/B' if report.form == 'ab' else 'cloze'} shift {rec.shift:+.3f} ± "
+                f"({WHAT[report.form]} shift {rec.shift:+.3f} ± "
                 f"{rec.se:.3f}{noise}, KL {rec.kl:.4f})"
             )
             st.button(
@@ -347,7 +462,9 @@ def render() -> None:
     if not library:
         st.info("Run a sweep on the Read page or upload a direction artifact to steer with.")
         return
-    names, weights = direction_ui(list(library), state.steer)
+    names, weights = direction_ui(
+        list(library), state.steer, preferred_direction(state, list(library))
+    )
     common = set.intersection(*(set(library[n].sites) for n in names)) if names else set()
     layers = sorted(parse_site(s).layer for s in common if s.endswith("hook_resid_post"))
     if not layers:
@@ -356,7 +473,12 @@ def render() -> None:
     show_cancelled()
     first, _ = default_sites(library[names[0]])  # the same default as repe steer / repe export
     suggested = [parse_site(s).layer for s in first.sites if s.endswith("hook_resid_post")]
-    settings = setting_ui(layers, state.steer, suggested if len(suggested) == 1 else None)
+    settings = setting_ui(
+        layers,
+        state.steer,
+        suggested if len(suggested) == 1 else None,
+        layer_profile(state, names[0]),
+    )
     settings.direction_names, settings.weights = names, weights
     state.steer = settings
     prompt, tokens = settings.prompt, settings.max_new_tokens
@@ -389,5 +511,8 @@ def render() -> None:
             state.steered_key = ()
             state.steered_text = stream_into(steer_box, lm, prompt, spec, tokens)
             state.steered_key = steered_key
+    if state.steered_key:
+        with shown_errors("Measuring the setting's KL"):
+            kl_note(lm, state, spec)
     evaluation_ui(lm, spec, state.model_path)
     coeff_sweep_ui(lm, state, spec, settings)

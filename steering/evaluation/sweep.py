@@ -33,6 +33,11 @@ from steering.operators import OPERATORS
 from steering.spec import SCALES, SteeringSpec
 
 FORMS = ("ab", "cloze")
+# what each form's score is, by name (plots and messages label the form they show)
+FORM_SCORE = {
+    "ab": "A/B matching probability",
+    "cloze": "cloze matching probability (answer texts)",
+}
 DEFAULT_COEFFS = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -354,12 +359,13 @@ def coeff_layer_sweep(
 
 
 def sweep_figure(report: SweepReport) -> Any:
-    """A plotly figure: A/B score (left, with bars of two paired standard errors of the shift) and KL
+    """A plotly figure: the form's score (left, with bars of two paired standard errors of the shift) and KL
     (right) against the coefficient, one line per layer, the KL budget as a dashed line and the recommended setting as a star. Needs the ``plots`` extra."""
     go = require("plotly.graph_objects", "plots")
     subplots = require("plotly.subplots", "plots")
+    score_name = FORM_SCORE[report.form]
     fig = subplots.make_subplots(
-        rows=1, cols=2, subplot_titles=("A/B matching probability", "KL from base (neutral text)")
+        rows=1, cols=2, subplot_titles=(score_name, "KL from base (neutral text)")
     )
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     for i, layer in enumerate(report.layers):
@@ -382,7 +388,15 @@ def sweep_figure(report: SweepReport) -> Any:
                 row=1,
                 col=col,
             )
-    fig.add_hline(y=report.kl_budget, line_dash="dash", line_color="grey", row=1, col=2)
+    fig.add_hline(
+        y=report.kl_budget,
+        line_dash="dash",
+        line_color="grey",
+        row=1,
+        col=2,
+        annotation_text=f"KL budget {report.kl_budget:g}",
+        annotation_position="top left",
+    )
     if report.recommended is not None:
         r = report.recommended
         for col, value in ((1, r.score), (2, r.kl)):
@@ -402,4 +416,6 @@ def sweep_figure(report: SweepReport) -> Any:
     title = "Steering sweep" + ("" if report.behaviour is None else f": {report.behaviour}")
     fig.update_layout(title=title, template="plotly_white")
     fig.update_xaxes(title_text=f"coefficient ({report.scale})")
+    fig.update_yaxes(title_text=f"{score_name} (mean over items)", row=1, col=1)
+    fig.update_yaxes(title_text="KL (nats/token)", row=1, col=2)
     return fig
