@@ -14,7 +14,8 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts only app/ on t
 
 import streamlit as st  # noqa: E402
 
-from app import nav  # noqa: E402
+from app import nav, workspace  # noqa: E402
+from app.state import get_state  # noqa: E402
 from app.views import export, model_data, read, steer  # noqa: E402
 
 
@@ -29,7 +30,12 @@ def main() -> None:
     nav.PAGES.update(zip(("model", "read", "steer", "export"), pages, strict=True))
     current = st.navigation(pages)
     nav.follow()
+    state = get_state()
+    for note in state.notes:  # e.g. a part of the workspace that could not be reopened
+        st.warning(f"Workspace: {note}")
+    state.notes.clear()
     current.run()
+    workspace.save(get_state())  # after every complete run: a reload reopens this work
 
 
 main()

@@ -51,15 +51,27 @@ class AppState:
     steered_key: tuple[Any, ...] = ()  # the setting steered_text was generated with
     coeff_sweep: SweepReport | None = None  # the Steer page's last coefficient sweep
     setting_kl: tuple[tuple[Any, ...], float] = ((), 0.0)  # (steered_key, KL of that setting)
+    # the Export page's files, prepared on its button: (what they were made from, format -> bytes
+    # or the error message)
+    exports: tuple[Any, dict[str, Any]] = ((), {})
+    compared: tuple[float, float, str, str] | None = None  # two coefficients side by side
+    workspace: str = ""  # this session's workspace id (app.workspace), carried in the address
+    saved: dict[str, Any] = field(default_factory=dict)  # what app.workspace last wrote
+    notes: list[str] = field(default_factory=list)  # warnings to show once (e.g. from a reload)
     # the last sweep's directions, built once per sweep: (the SweepResult they came from, by name)
     sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
 
 
 def get_state() -> AppState:
-    """This session's state (created on first use)."""
-    if STATE_KEY not in st.session_state:
-        st.session_state[STATE_KEY] = AppState()
-    state = st.session_state[STATE_KEY]
-    if not isinstance(state, AppState):  # e.g. a stale object after a code reload
+    """This session's state (created on first use, from its workspace when the address names one),
+    with its workspace id kept in the address so that a reload finds it again."""
+    from app import workspace
+
+    state = st.session_state.get(STATE_KEY)
+    if not isinstance(state, AppState):  # new, or a stale object after a code reload
         state = st.session_state[STATE_KEY] = AppState()
+    if not state.workspace:
+        state.notes.extend(workspace.attach(state))
+    if st.query_params.get(workspace.PARAM) != state.workspace:
+        st.query_params[workspace.PARAM] = state.workspace
     return state

@@ -358,8 +358,11 @@ def app_command(args: argparse.Namespace) -> list[str]:
 def cmd_app(args: argparse.Namespace) -> int:
     """Replace this process by the Streamlit server (so stopping it stops the server)."""
     import os
+    from pathlib import Path
 
     cmd = app_command(args)
+    if getattr(args, "workspace", None):
+        os.environ["REPE_WORKSPACE"] = str(Path(args.workspace).expanduser().resolve())
     print(
         f"serving the workbench on http://{args.address}:{args.port} (Ctrl-C stops it)", flush=True
     )
@@ -379,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost", help="interface to listen on")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.add_argument(
+        "--workspace",
+        default=None,
+        help="folder for the sessions' saved work (default: $REPE_WORKSPACE or ~/repe-workspace)",
+    )
     p.set_defaults(func=cmd_app)
     p = sub.add_parser("info", help="print the model identity and its site names")
     _add_model_args(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 # nothing in the test suite may download weights or data
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the app's workspaces (app.workspace) go to a scratch folder, never the user's ~/repe-workspace
+os.environ["REPE_WORKSPACE"] = tempfile.mkdtemp(prefix="repe-test-workspace-")
 
 from repe.models import LoadedModel, load_model, tiny_model
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,11 @@ def page(view: str, state: AppState | None = None) -> AppTest:
 def fresh(state: AppState) -> AppState:
     """A copy of the swept state with no generations cached."""
     return replace(state, baseline={}, steered_text="", spec=None)
+
+
+def steer_button(at: AppTest) -> object:
+    """The Steer page's form button that applies the setting."""
+    return next(b for b in at.button if b.label == "Steer")
 
 
 def no_errors(at: AppTest) -> None:
@@ -131,6 +137,11 @@ def test_steer_page_coeff_changes_steered_not_baseline(swept: AppState) -> None:
     coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
     coeff.set_value(0.5).run()
     no_errors(at)
+    assert at.session_state[STATE_KEY].steered_text == steered0, "a slider alone starts nothing"
+    coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
+    coeff.set_value(0.5)
+    steer_button(at).click().run()  # the form sends its widgets' values with the button
+    no_errors(at)
     st1 = at.session_state[STATE_KEY]
     assert st1.baseline == base0, "the baseline does not move"
     assert st1.steered_text != steered0, "the steered answer does"
@@ -177,7 +188,9 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     state.steer = SteerSettings(coeff=0.0, max_new_tokens=4)
     at = page("steer", state).run()
     no_errors(at)
-    assert len(at.get("plotly_chart")) == 1, "only the layer profile before a sweep"
+    assert len(at.get("plotly_chart")) == 2, (
+        "the layer profile and the cosine heatmap, no sweep yet"
+    )
     assert at.radio(key="sweep_form").value == "answer texts (cloze)"
     at.radio(key="sweep_form").set_value("A/B letters").run()
     at.text_input(key="sweep_coeffs").set_value("-0.5, 0.5, 1.0")
@@ -189,7 +202,7 @@ def test_steer_page_coefficient_sweep_marks_and_applies_the_recommendation(
     report = at.session_state[STATE_KEY].coeff_sweep
     assert report is not None and report.coeffs == [-0.5, 0.0, 0.5, 1.0]
     assert report.layers == at.session_state[STATE_KEY].steer.layers
-    assert len(at.get("plotly_chart")) == 2, "the layer profile and the sweep curve"
+    assert len(at.get("plotly_chart")) == 3, "layer profile, cosine heatmap and the sweep curve"
     assert report.control is not None and not report.control.reads_choices
     assert any("does not read A/B options" in w.value for w in at.warning)
     rec = report.recommended
@@ -231,11 +244,28 @@ def test_export_page_download_buttons(swept: AppState) -> None:
     state.spec = SteeringSpec(swept.sweep.to_direction("mean_diff", [site]), 4.0, scale="unit")
     at = page("export", state).run()
     no_errors(at)
+    # typing a name writes nothing: the files are made on the button only
+    at.text_input[0].set_value("mine").run()
+    no_errors(at)
+    assert not at.get("download_button") and at.session_state[STATE_KEY].exports[1] == {}
+    next(b for b in at.button if b.label == "Prepare the files").click().run()
+    no_errors(at)
     assert len(at.get("download_button")) == 4
     assert any(
-        "llama-server" in c.value and "--control-vector-scaled steering.gguf:4" in c.value
+        "llama-server" in c.value and "--control-vector-scaled mine.gguf:4" in c.value
         for c in at.code
     )
+    import io
+    import zipfile
+
+    zipped = at.session_state[STATE_KEY].exports[1]["safetensors"]
+    assert sorted(zipfile.ZipFile(io.BytesIO(zipped)).namelist()) == [
+        "mine.json",
+        "mine.safetensors",
+    ]
+    at.text_input[0].set_value("other").run()  # a new name: the prepared files no longer match
+    assert not at.get("download_button")
+    assert any("prepare the files again" in i.value for i in at.info)
 
 
 @pytest.mark.integration
@@ -244,6 +274,7 @@ def test_export_page_refuses_gguf_for_ablation(swept: AppState) -> None:
     direction = swept.sweep.to_direction("mean_diff", [swept.sweep.sites[-1]])
     state.spec = SteeringSpec(direction, 0.0, operator="ablate", scale="unit")
     at = page("export", state).run()
+    next(b for b in at.button if b.label == "Prepare the files").click().run()
     assert not at.exception
     keys = {b.key for b in at.get("download_button")}
     assert {"dl_safetensors", "dl_spec"} <= keys and "dl_gguf" not in keys
@@ -340,7 +371,9 @@ def test_steer_defaults_to_reads_best_reader_and_layer(swept: AppState) -> None:
     assert at.multiselect[0].value == [f"{swept.sweep_concept}:{best.reader}"]
     layers = next(m for m in at.multiselect if m.label == "Layers")
     assert layers.value == [best.layer]
-    assert len(at.get("plotly_chart")) == 1, "the sweep's score by layer beside the layer picker"
+    assert len(at.get("plotly_chart")) == 2, (
+        "the score by layer beside the layer picker, the heatmap"
+    )
 
 
 @pytest.mark.integration
@@ -404,6 +437,105 @@ def test_steer_page_shows_the_settings_kl_and_warns_over_budget(swept: AppState)
     else:
         assert len(within) == 1 and not over
     coeff = next(s for s in at.slider if s.label.startswith("Coefficient"))
-    coeff.set_value(0.0).run()
+    coeff.set_value(0.0)
+    steer_button(at).click().run()
     no_errors(at)
     assert any("KL from the unsteered model at this setting: 0.000" in c.value for c in at.caption)
+
+
+# ---- a reload loses nothing (app.workspace) ---------------------------------------------------------
+def main_app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=TIMEOUT)
+
+
+@pytest.mark.integration
+def test_a_reload_reopens_the_sessions_work(swept: AppState, tmp_path: Path, monkeypatch) -> None:
+    """A session's sweep, uploaded directions and Steer setting are on disk after each run; a new
+    session opened with the same ``?ws=`` address (what a reload is) gets them back, and the Export
+    page rebuilds the saved setting."""
+    import os
+
+    from app import workspace
+
+    monkeypatch.setenv("REPE_WORKSPACE", str(tmp_path))
+    state = fresh(swept)
+    best = swept.sweep.best()
+    name = f"{swept.sweep_concept}:{best.reader}"
+    state.directions = {"uploaded:mine": swept.sweep.to_direction("mean_diff")}
+    state.steer = SteerSettings([name], [1.0], layers=[best.layer], coeff=0.3, max_new_tokens=4)
+    at = main_app()
+    at.session_state[STATE_KEY] = state
+    at.run()
+    no_errors(at)
+    ws = at.session_state[STATE_KEY].workspace
+    assert workspace.valid_id(ws) and at.query_params[workspace.PARAM] in (ws, [ws])
+    folder = tmp_path / ws
+    assert sorted(os.listdir(folder)) == [
+        "acts_neg",
+        "acts_pos",
+        "directions",
+        "settings.json",
+        "sweep",
+    ]
+
+    again = main_app()  # the reload: a new session, the same address
+    again.query_params[workspace.PARAM] = ws
+    again.run()
+    no_errors(again)
+    back = again.session_state[STATE_KEY]
+    assert back.workspace == ws
+    assert back.sweep is not None and back.sweep.rows() == swept.sweep.rows()
+    assert back.steer == state.steer
+    assert list(back.directions) == ["uploaded:mine"]
+    assert back.acts_pos is not None and len(back.acts_pos) == len(swept.acts_pos)
+
+    # the Export page of the reopened session builds the saved setting (no "choose a setting first")
+    export = page("export", back).run()
+    no_errors(export)
+    assert not any("Choose a steering setting" in i.value for i in export.info)
+    assert export.session_state[STATE_KEY].spec.coeff == 0.3
+
+    # a damaged part is left out with a warning; the rest still loads
+    (folder / "sweep" / "sweep.json").write_text("{broken", encoding="utf-8")
+    third = main_app()
+    third.query_params[workspace.PARAM] = ws
+    third.run()
+    assert not third.exception
+    assert any("stored sweep could not be read" in w.value for w in third.warning)
+    assert third.session_state[STATE_KEY].steer == state.steer
+
+
+def test_workspace_ids_from_the_address_are_checked(tmp_path: Path, monkeypatch) -> None:
+    from app import workspace
+
+    assert workspace.valid_id(workspace.new_id())
+    for bad in ("../x", "/abs", "20261130-101010-abcde", "", None, "20261130-101010-abcdef/.."):
+        assert not workspace.valid_id(bad)
+
+
+@pytest.mark.integration
+def test_steer_page_compares_directions_and_two_coefficients(swept: AppState) -> None:
+    from app.views.compare import cosine_matrix
+    from app.views.steer import available_directions
+
+    state = fresh(swept)
+    state.steer = SteerSettings(coeff=0.0, max_new_tokens=4)
+    at = page("steer", state).run()
+    no_errors(at)
+    library = available_directions(at.session_state[STATE_KEY])
+    site = f"blocks.{at.session_state[STATE_KEY].steer.layers[0]}.hook_resid_post"
+    names, sims = cosine_matrix(library, site)
+    assert len(names) == 2 and sims.shape == (2, 2)
+    assert torch.allclose(sims.diagonal(), torch.ones(2, dtype=sims.dtype))
+    assert torch.allclose(sims, sims.T)
+    a, b = library[names[0]][site].double(), library[names[1]][site].double()
+    assert float(sims[0, 1]) == pytest.approx(float(a @ b / (a.norm() * b.norm())))
+    at.number_input(key="cmp_a").set_value(0.0)
+    at.number_input(key="cmp_b").set_value(1.0)
+    next(b for b in at.button if b.label == "Compare").click().run()
+    no_errors(at)
+    ca, cb, ta, tb = at.session_state[STATE_KEY].compared
+    assert (ca, cb) == (0.0, 1.0)
+    assert ta == at.session_state[STATE_KEY].baseline[(PROMPT, 4)], "coefficient 0 is the baseline"
+    shown = [m.value for m in at.markdown]
+    assert "**coefficient 0**" in shown and "**coefficient 1**" in shown

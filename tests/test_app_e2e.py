@@ -10,6 +10,7 @@ system browser is used, ``playwright install`` is never needed). Screenshots go 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,26 +127,64 @@ def test_sweep_then_steer_in_a_browser(server: str) -> None:
             # CI machine counted 0 charts right after the script run ended)
             page.locator("[data-testid='stPlotlyChart']").nth(1).wait_for(timeout=120_000)
             assert page.locator("[data-testid='stException']").count() == 0
+            success = page.locator("[data-testid='stAlertContentSuccess']").first.inner_text()
+            found = re.search(r"best (\w+) at blocks\.(\d+)\.hook_resid_post", success)
+            assert found, success
+            best_reader, best_layer = found.group(1), int(found.group(2))
+            # 6 pairs leave 2 held out: the figures say so and warn
+            assert "on 2 held-out pairs" in success
+            sync_api.expect(page.get_by_text("Only 2 held-out pairs", exact=False)).to_have_count(1)
+            # the scan's colour scale leaves the first token out, and says so
+            sync_api.expect(
+                page.get_by_text("the first token is left out of the scale", exact=False)
+            ).to_have_count(1)
             page.screenshot(path=str(ARTIFACTS / "e2e_read.png"), full_page=True)
 
             page.get_by_role("link", name="Steer live").click()  # same session: keeps the sweep
             page.get_by_text("Baseline").wait_for(timeout=120_000)
             slider_to_min(page, "New tokens")
+            page.get_by_role("button", name="Steer", exact=True).click()  # the form applies it
             wait_idle(page)
             steered = page.get_by_text("Steered (", exact=False)
             sync_api.expect(steered).to_have_count(1, timeout=60_000)
+            # Steer defaults to Read's best reader and layer
+            assert f"layers [{best_layer}]" in steered.inner_text()
+            assert page.get_by_text(f":{best_reader}", exact=False).count() >= 1
+            # the setting's KL is shown (a warning when over budget)
+            sync_api.expect(
+                page.get_by_text("KL from the unsteered model at this setting", exact=False)
+            ).to_have_count(1, timeout=60_000)
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("[data-testid='stAlertContentError']").count() == 0
             page.screenshot(path=str(ARTIFACTS / "e2e_steer.png"), full_page=True)
 
             page.get_by_role("link", name="Export").click()  # exports the setting just steered
-            page.get_by_text("llama-server", exact=False).first.wait_for(timeout=60_000)
+            name_box = page.get_by_role("textbox", name="File name (no extension)")
+            name_box.wait_for(timeout=60_000)
+            name_box.fill("mine")
+            name_box.press("Enter")  # typing a name writes nothing: no files before the button
+            wait_idle(page)
+            assert page.locator("[data-testid='stDownloadButton']").count() == 0
+            page.get_by_role("button", name="Prepare the files").click()
+            page.get_by_text("mine.gguf", exact=False).first.wait_for(timeout=60_000)
             wait_idle(page)
             sync_api.expect(page.locator("[data-testid='stDownloadButton']")).to_have_count(
                 4, timeout=60_000
             )
             assert page.locator("[data-testid='stException']").count() == 0
             page.screenshot(path=str(ARTIFACTS / "e2e_export.png"), full_page=True)
+
+            # a reload keeps the session's work: the address carries the workspace id
+            assert "ws=" in page.url, page.url
+            page.reload()
+            page.get_by_role("button", name="Prepare the files").wait_for(timeout=120_000)
+            wait_idle(page)
+            assert page.get_by_text("Choose a steering setting", exact=False).count() == 0
+            page.get_by_role("link", name="Read").click()
+            page.get_by_text("best ", exact=False).first.wait_for(timeout=120_000)
+            wait_idle(page)
+            assert page.locator("[data-testid='stException']").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "e2e_reloaded_read.png"), full_page=True)
         finally:
             browser.close()
 

@@ -551,3 +551,32 @@ def test_scan_colour_scale_leaves_the_attention_sink_out() -> None:
     # the legend chips are readable: white bold text on the saturated colours
     assert page.count("color:#fff;font-weight:600") == 2
     assert "the first token is left out of the scale" in page
+
+
+def test_a_stored_sweep_comes_back_the_same(toy_sweep, tiny_lm, tmp_path):
+    """save_sweep / load_sweep: same scores, directions, thresholds and scan; malformed stores are a
+    DataFormatError naming the file."""
+    from probes.sweep_store import load_sweep, save_sweep
+    from repe.errors import DataFormatError
+
+    save_sweep(toy_sweep, tmp_path / "s")
+    again = load_sweep(tmp_path / "s")
+    assert again.rows() == toy_sweep.rows()
+    assert again.best() == toy_sweep.best() and again.readers == toy_sweep.readers
+    for reader in toy_sweep.readers:
+        a, b = toy_sweep.to_direction(reader), again.to_direction(reader)
+        assert a.sites == b.sites and a.stats == b.stats and a.metrics == b.metrics
+        for s in a.sites:
+            assert torch.equal(a[s], b[s])
+    text = "I told the truth."
+    d1, d2 = toy_sweep.to_direction("mean_diff"), again.to_direction("mean_diff")
+    assert (
+        scan(tiny_lm, text, d1, center="threshold").values
+        == scan(tiny_lm, text, d2, center="threshold").values
+    )
+    save_sweep(again, tmp_path / "s")  # replacing a stored sweep works
+    (tmp_path / "s" / "sweep.json").write_text('{"kind": "probe_sweep_store", "format_version": 1}')
+    with pytest.raises(DataFormatError, match="sweep.json"):
+        load_sweep(tmp_path / "s")
+    with pytest.raises(DataFormatError, match="no stored sweep"):
+        load_sweep(tmp_path / "nothing")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app import workspace
 from app.names import inside, safe_name
 from app.resources import current_model
 from app.state import get_state
@@ -61,6 +62,10 @@ def preview_rows(ds: ContrastDataset, n: int = PREVIEW_ROWS) -> list[dict[str, s
 def render() -> None:
     state = get_state()
     st.header("Model & data")
+    st.caption(
+        f"This session's work (sweeps, directions, settings) is kept in `{workspace.folder(state)}`; "
+        "reloading the page, or opening this address later, reopens it."
+    )
     path = model_ui(state.model_path)
     if path != state.model_path:
         state.model_path = path

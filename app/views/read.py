@@ -39,13 +39,45 @@ def sweep_ui(lm: LoadedModel, has_upload: bool) -> tuple[SweepRequest, bool]:
     """The sweep the user asks for, and whether they pressed Run."""
     concepts = ([UPLOADED] if has_upload else []) + list_concepts()
     default = concepts.index("facts/honesty") if "facts/honesty" in concepts else 0
-    concept = st.selectbox("Concept", concepts, index=default)
-    readers = st.multiselect("Readers", reader_names(), default=["mean_diff", "logistic"])
+    concept = st.selectbox(
+        "Concept",
+        concepts,
+        index=default,
+        help="A set of contrast pairs: the same context with and without the concept.",
+    )
+    readers = st.multiselect(
+        "Readers",
+        reader_names(),
+        default=["mean_diff", "logistic"],
+        help="How a direction is read from the pairs. mean_diff: difference of the class means "
+        "(CAA); pca_diff / pca_center: first principal component of the pair differences / of the "
+        "centred activations; lat: RepE's LAT (PCA of random pair differences); logistic: a "
+        "regularised linear classifier; random: a random direction (the chance baseline).",
+    )
     c1, c2, c3 = st.columns(3)
-    max_pairs = c1.slider("Max pairs (for speed)", 6, 400, 48, step=2)
-    lo, hi = c2.slider("Layers", 0, lm.n_layers - 1, (0, lm.n_layers - 1))
-    step = c3.number_input("Every n-th layer", 1, lm.n_layers, 1)
-    n_boot = st.select_slider("Bootstrap resamples (95% intervals)", [0, 100, 200, 500, 1000], 200)
+    max_pairs = c1.slider(
+        "Max pairs (for speed)",
+        6,
+        400,
+        48,
+        step=2,
+        help="Pairs sampled from the concept set; 30% of them are held out for the scores.",
+    )
+    lo, hi = c2.slider(
+        "Layers",
+        0,
+        lm.n_layers - 1,
+        (0, lm.n_layers - 1),
+        help="Blocks to read; each is read at its output, the residual stream "
+        "(blocks.L.hook_resid_post).",
+    )
+    step = c3.number_input("Every n-th layer", 1, lm.n_layers, 1, help="Skip layers for speed.")
+    n_boot = st.select_slider(
+        "Bootstrap resamples (95% intervals)",
+        [0, 100, 200, 500, 1000],
+        200,
+        help="Resampling the held-out pairs gives each score a 95% interval; 0 skips it.",
+    )
     request = SweepRequest(concept, readers, max_pairs, list(range(lo, hi + 1, int(step))), n_boot)
     return request, st.button("Run sweep", type="primary")
 

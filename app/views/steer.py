@@ -16,6 +16,7 @@ from app.jobs import cancel_button, progress_bar, show_cancelled
 from app.names import inside, safe_name
 from app.resources import ab_control_result, current_model, resid_norms
 from app.state import AppState, SteerSettings, get_state
+from app.views.compare import similarity_ui, two_coefficients_ui
 from probes.plots import sweep_figure as sweep_figure_probe
 from repe.calibration import is_calibrated, with_norms
 from repe.datasets import list_concepts, load_neutral
@@ -119,24 +120,18 @@ def preferred_direction(state: AppState, names: list[str]) -> list[str]:
     return names[:1]
 
 
-def direction_ui(
-    names: list[str], current: SteerSettings, preferred: list[str]
-) -> tuple[list[str], list[float]]:
-    """The directions to combine and their weights."""
+def direction_ui(names: list[str], current: SteerSettings, preferred: list[str]) -> list[str]:
+    """The directions to combine (their weights are set with the rest of the setting)."""
     default = [n for n in current.direction_names if n in names] or preferred
-    chosen = st.multiselect(
-        "Directions (combined with weights)",
-        names,
-        default=default,
-        help="Directions from the Read page's sweep (concept:reader) or uploaded artifacts. "
-        "Several are added up with the weights below.",
-    )
-    weights = []
-    for i, name in enumerate(chosen):
-        weights.append(
-            float(st.number_input(f"weight of {name}", -5.0, 5.0, 1.0, 0.1, key=f"w{i}"))
+    return list(
+        st.multiselect(
+            "Directions (combined with weights)",
+            names,
+            default=default,
+            help="Directions from the Read page's sweep (concept:reader) or uploaded artifacts. "
+            "Several are added up with the weights below.",
         )
-    return chosen, weights
+    )
 
 
 HELP = {
@@ -156,12 +151,15 @@ HELP = {
 def setting_ui(
     layers: list[int],
     current: SteerSettings,
+    names: list[str],
     suggested: list[int] | None = None,
     profile: Any = None,
 ) -> SteerSettings:
-    """Operator, layers, scale and coefficient. ``suggested``: the layers steered by default (the
-    direction's best site, as ``repe steer`` and ``repe export`` use); ``profile``: a small figure of
-    the sweep's score by layer, shown beside the layer picker."""
+    """Operator and scale (each change applies at once), then, in one form applied with the Steer
+    button, the directions' weights, layers, coefficient, prompt and length: moving a slider no longer
+    starts a generation per tick. ``suggested``: the layers steered by default (the direction's best
+    site, as ``repe steer`` and ``repe export`` use); ``profile``: a small figure of the sweep's score
+    by layer, shown beside the layer picker."""
     c1, c2 = st.columns(2)
     ops = sorted(OPERATORS)
     operator = c1.selectbox(
@@ -176,27 +174,58 @@ def setting_ui(
         or [layer for layer in suggested or [] if layer in layers]
         or [mid]
     )
-    if profile is not None:
-        left, right = st.columns([2, 3])
-        chosen = left.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
-        right.plotly_chart(profile, key="layer_profile")
-    else:
-        chosen = st.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
-    lo, hi, default, step = COEFF_RANGE.get(scale, OTHER_COEFF_RANGE)
-    if scale == current.scale and lo <= current.coeff <= hi:
-        default = current.coeff
-    coeff = st.slider(
-        f"Coefficient ({scale} units)",
-        lo,
-        hi,
-        default,
-        step,
-        key=f"coeff_{scale}",
-        help=HELP["coeff"],
+    old_weights = dict(zip(current.direction_names, current.weights, strict=False))
+    with st.form("steer_setting", border=False):
+        weights = [
+            float(
+                st.number_input(
+                    f"weight of {name}",
+                    -5.0,
+                    5.0,
+                    float(old_weights.get(name, 1.0)),
+                    0.1,
+                    key=f"w{i}",
+                    help="Each direction counts as its unit vector (except in the raw scale); "
+                    "weight 0.5 steers half as hard as 1.",
+                )
+            )
+            for i, name in enumerate(names)
+        ]
+        if profile is not None:
+            left, right = st.columns([2, 3])
+            chosen = left.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
+            right.plotly_chart(profile, key="layer_profile")
+        else:
+            chosen = st.multiselect("Layers", layers, default=default_layers, help=HELP["layers"])
+        lo, hi, default, step = COEFF_RANGE.get(scale, OTHER_COEFF_RANGE)
+        if scale == current.scale and lo <= current.coeff <= hi:
+            default = current.coeff
+        coeff = st.slider(
+            f"Coefficient ({scale} units)",
+            lo,
+            hi,
+            default,
+            step,
+            key=f"coeff_{scale}",
+            help=HELP["coeff"],
+        )
+        prompt = st.text_input(
+            "Prompt", current.prompt, help="The user turn (chat template applied)."
+        )
+        tokens = st.slider("New tokens", 4, 128, current.max_new_tokens, help="Greedy decoding.")
+        st.form_submit_button(
+            "Steer", type="primary", help="Generate the steered answer with this setting."
+        )
+    return SteerSettings(
+        list(names),
+        weights,
+        operator,
+        sorted(chosen),
+        float(coeff),
+        scale,
+        prompt,
+        int(tokens),
     )
-    prompt = st.text_input("Prompt", current.prompt, help="The user turn (chat template applied).")
-    tokens = st.slider("New tokens", 4, 128, current.max_new_tokens, help="Greedy decoding.")
-    return SteerSettings([], [], operator, sorted(chosen), float(coeff), scale, prompt, int(tokens))
 
 
 def layer_profile(state: AppState, name: str) -> Any:
@@ -386,7 +415,17 @@ def coeff_sweep_ui(
         default = "-0.5, -0.25, 0.25, 0.5" if settings.scale == "relative" else "-8, -4, 4, 8"
         text = st.text_input(f"Coefficients ({settings.scale} units)", default, key="sweep_coeffs")
         c1, c2, c3 = st.columns(3)
-        budget = c1.number_input("KL budget (nats/token)", 0.001, 10.0, 0.1, 0.01, format="%.3f")
+        budget = c1.number_input(
+            "KL budget (nats/token)",
+            0.001,
+            10.0,
+            KL_BUDGET,
+            0.01,
+            format="%.3f",
+            help="KL: how far the steered model's next-token distributions move from the "
+            "unsteered model's on neutral text (0 = unchanged). The recommendation is the "
+            "strongest setting within this budget.",
+        )
         n_items = c2.slider(
             f"{WHAT[form]} items",
             4,
@@ -462,9 +501,7 @@ def render() -> None:
     if not library:
         st.info("Run a sweep on the Read page or upload a direction artifact to steer with.")
         return
-    names, weights = direction_ui(
-        list(library), state.steer, preferred_direction(state, list(library))
-    )
+    names = direction_ui(list(library), state.steer, preferred_direction(state, list(library)))
     common = set.intersection(*(set(library[n].sites) for n in names)) if names else set()
     layers = sorted(parse_site(s).layer for s in common if s.endswith("hook_resid_post"))
     if not layers:
@@ -476,10 +513,10 @@ def render() -> None:
     settings = setting_ui(
         layers,
         state.steer,
+        names,
         suggested if len(suggested) == 1 else None,
         layer_profile(state, names[0]),
     )
-    settings.direction_names, settings.weights = names, weights
     state.steer = settings
     prompt, tokens = settings.prompt, settings.max_new_tokens
     if not prompt.strip():
@@ -499,11 +536,12 @@ def render() -> None:
     base_box = left.container(key="baseline_answer").empty()
     steer_box = right.container(key="steered_answer").empty()
     with shown_errors("Generation"):
+        # the steered answer first (what the user changed), then the baseline (cached per prompt)
         key = (prompt, tokens)
         if key in state.baseline:
             base_box.markdown(display(state.baseline[key]))
         else:
-            state.baseline[key] = stream_into(base_box, lm, prompt, None, tokens)
+            base_box.caption("(after the steered answer)")
         steered_key = (state.model_path, id(state.sweep), id(state.directions), *astuple(settings))
         if steered_key == state.steered_key:
             steer_box.markdown(display(state.steered_text))
@@ -511,8 +549,12 @@ def render() -> None:
             state.steered_key = ()
             state.steered_text = stream_into(steer_box, lm, prompt, spec, tokens)
             state.steered_key = steered_key
+        if key not in state.baseline:
+            state.baseline[key] = stream_into(base_box, lm, prompt, None, tokens)
     if state.steered_key:
         with shown_errors("Measuring the setting's KL"):
             kl_note(lm, state, spec)
+    two_coefficients_ui(lm, state, library, settings)
+    similarity_ui(library, settings.layers[0])
     evaluation_ui(lm, spec, state.model_path)
     coeff_sweep_ui(lm, state, spec, settings)

@@ -1,0 +1,139 @@
+"""A session's work on disk, so that a page reload (or a restart of the app) loses nothing.
+
+Each browser session gets a workspace folder ``<root>/<id>`` and carries its id in the page address
+(``?ws=<id>``); a reload, or the same address opened later, reopens it. The root is ``REPE_WORKSPACE``
+(``repe app --workspace DIR`` sets it), else ``~/repe-workspace``; the Model & data page shows the folder.
+What it holds (each part rewritten, atomically, only when it changed)::
+
+    settings.json        the model, the sweep's concept, the Steer page's setting, the uploaded
+                         directions' file names
+    sweep/               the last Read sweep (probes.sweep_store)
+    acts_pos/ acts_neg/  its activations (for the PCA scatter)
+    directions/          the uploaded direction artifacts (safetensors + json)
+
+A damaged part is left out with a warning; the rest still loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from app.names import inside, safe_name
+from app.state import AppState, SteerSettings
+from repe.atomic import write_text
+
+PARAM = "ws"
+_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+
+
+def root() -> Path:
+    return Path(os.environ.get("REPE_WORKSPACE") or Path.home() / "repe-workspace")
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def valid_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_ID.match(value))
+
+
+def folder(state: AppState) -> Path:
+    return inside(root(), state.workspace)
+
+
+def attach(state: AppState) -> list[str]:
+    """Give a new session its workspace: the one named in the address if it exists (loaded into
+    ``state``), else a new one. Returns warnings about parts that could not be loaded."""
+    wanted = st.query_params.get(PARAM)
+    warnings: list[str] = []
+    if valid_id(wanted) and (root() / str(wanted)).is_dir():
+        state.workspace = str(wanted)
+        warnings = load(state)
+    else:
+        state.workspace = new_id()
+    return warnings
+
+
+def _settings(state: AppState, direction_files: dict[str, str]) -> dict[str, Any]:
+    return {
+        "model_path": state.model_path,
+        "sweep_concept": state.sweep_concept,
+        "steer": asdict(state.steer),
+        "directions": direction_files,
+    }
+
+
+def save(state: AppState) -> None:
+    """Write what changed since the last save."""
+    if not state.workspace:
+        return
+    from probes.sweep_store import save_sweep
+
+    base = folder(state)
+    saved = state.saved
+    if state.sweep is not None and saved.get("sweep") != id(state.sweep):
+        save_sweep(state.sweep, base / "sweep")
+        for side, acts in (("acts_pos", state.acts_pos), ("acts_neg", state.acts_neg)):
+            if acts is not None:
+                acts.save(base / side, overwrite=True)
+        saved["sweep"] = id(state.sweep)
+    files = {name: safe_name(name, default="direction") for name in state.directions}
+    for name, d in state.directions.items():
+        if saved.get(f"direction:{name}") != id(d):
+            d.save(inside(base / "directions", files[name]))
+            saved[f"direction:{name}"] = id(d)
+    text = json.dumps(_settings(state, files), indent=1, sort_keys=True)
+    if saved.get("settings") != text:
+        write_text(base / "settings.json", text)
+        saved["settings"] = text
+
+
+def load(state: AppState) -> list[str]:
+    """Fill ``state`` from its workspace folder; returns one warning per part that failed."""
+    from probes.sweep_store import load_sweep
+    from repe.activations import ActivationSet
+    from repe.directions import Direction
+
+    base = folder(state)
+    warnings: list[str] = []
+    settings: dict[str, Any] = {}
+    try:
+        settings = json.loads((base / "settings.json").read_text(encoding="utf-8"))
+        state.model_path = str(settings.get("model_path", ""))
+        state.sweep_concept = str(settings.get("sweep_concept", ""))
+        known = {f.name for f in fields(SteerSettings)}
+        state.steer = SteerSettings(
+            **{k: v for k, v in dict(settings.get("steer", {})).items() if k in known}
+        )
+    except FileNotFoundError:
+        pass
+    except (ValueError, TypeError, AttributeError) as exc:
+        warnings.append(f"settings.json could not be read ({exc}); default settings are used")
+    if (base / "sweep").is_dir():
+        try:
+            state.sweep = load_sweep(base / "sweep")
+            state.saved["sweep"] = id(state.sweep)
+            if (base / "acts_pos").is_dir() and (base / "acts_neg").is_dir():
+                state.acts_pos = ActivationSet.load(base / "acts_pos")
+                state.acts_neg = ActivationSet.load(base / "acts_neg")
+        except Exception as exc:  # noqa: BLE001 - one damaged part must not lose the others
+            state.sweep = state.acts_pos = state.acts_neg = None
+            warnings.append(f"the stored sweep could not be read ({exc})")
+    for name, file in dict(settings.get("directions", {})).items():
+        try:
+            d = Direction.load(inside(base / "directions", safe_name(str(file))))
+            state.directions[str(name)] = d
+            state.saved[f"direction:{name}"] = id(d)
+        except Exception as exc:  # noqa: BLE001 - as above
+            warnings.append(f"direction {name!r} could not be read ({exc})")
+    return warnings
