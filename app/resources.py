@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from repe.calibration import cached_residual_norms, norms_cache_file
-from repe.datasets import load_neutral
+from repe.calibration import cached_residual_norms, calibration_texts, norms_cache_file
 from repe.models import LoadedModel, load_model
 from steering.evaluation.control import ABControl, ab_control
 
@@ -38,7 +37,7 @@ def resid_norms(path: str, sites: tuple[str, ...]) -> dict[str, float]:
         layers = ", ".join(s.split(".")[1] for s in sites)
         with st.spinner(
             f"Measuring the residual-stream norm at block {layers} on "
-            f"{len(load_neutral())} neutral texts, once per model (it sets what coefficient 0.1 "
+            f"{len(calibration_texts())} neutral texts, once per model (it sets what coefficient 0.1 "
             "means in the relative scale)…"
         ):
             return cached_residual_norms(lm, list(sites))
