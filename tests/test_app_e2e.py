@@ -156,6 +156,12 @@ def test_sweep_then_steer_in_a_browser(server: str) -> None:
             ).to_have_count(1, timeout=60_000)
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("[data-testid='stAlertContentError']").count() == 0
+            # scoring defaults to what the A/B control says works (cloze for this model), labelled so
+            page.get_by_text("Behaviour shift (CAA questions)", exact=False).click()
+            page.get_by_text("Cloze items").first.wait_for(timeout=120_000)
+            radios = page.get_by_role("radio", name="answer texts (cloze)")
+            assert radios.count() >= 1 and all(r.is_checked() for r in radios.all())
+            assert page.get_by_text("A/B items").count() == 0
             page.screenshot(path=str(ARTIFACTS / "e2e_steer.png"), full_page=True)
 
             page.get_by_role("link", name="Export").click()  # exports the setting just steered

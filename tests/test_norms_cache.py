@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import repe.calibration as calibration
 from repe.calibration import cached_residual_norms, norms_cache_file, residual_norms
@@ -46,4 +45,3 @@ def test_other_texts_have_their_own_cache(
 ) -> None:
     monkeypatch.setenv("REPE_CACHE", str(tmp_path))
     assert norms_cache_file(tiny_lm) != norms_cache_file(tiny_lm, ["a custom text", "another"])
-
