@@ -264,3 +264,24 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(files, capsys, argv, name
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err  # one line, the last
     assert "Traceback" not in err and errors[0].startswith("repe")
     assert names in errors[0], err
+
+
+def test_app_workspace_flag_sets_the_folder_for_the_server(tmp_path, monkeypatch) -> None:
+    """``repe app --workspace DIR``: the server process gets ``REPE_WORKSPACE`` (absolute)."""
+    import os
+
+    from repe.cli import build_parser, cmd_app
+
+    seen: dict[str, object] = {}
+
+    def fake_execv(path: str, argv: list[str]) -> None:
+        seen["argv"] = argv
+        seen["workspace"] = os.environ.get("REPE_WORKSPACE")
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    monkeypatch.delenv("REPE_WORKSPACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["app", "--headless", "--workspace", "ws"])
+    cmd_app(args)
+    assert seen["workspace"] == str(tmp_path / "ws")
+    assert "streamlit" in seen["argv"]
