@@ -80,6 +80,9 @@ def save(state: AppState) -> None:
     from probes.sweep_store import save_sweep
 
     base = folder(state)
+    has_work = state.sweep is not None or state.directions or state.steer.direction_names
+    if not has_work and not base.is_dir():
+        return  # a session that has done nothing yet leaves no folder behind
     saved = state.saved
     if state.sweep is not None and saved.get("sweep") != id(state.sweep):
         save_sweep(state.sweep, base / "sweep")

@@ -39,7 +39,9 @@ a second OpenMP thread mostly spins).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -87,8 +89,12 @@ def free_port() -> int:
 def start_server(
     port: int, threads: int, extra_env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
+    workspace = tempfile.mkdtemp(prefix="repe-bench-workspace-")
+    atexit.register(shutil.rmtree, workspace, True)
     env = {
         **os.environ,
+        # the servers' session workspaces go to a scratch folder, not the user's ~/repe-workspace
+        "REPE_WORKSPACE": workspace,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": str(threads),
         "TQDM_DISABLE": "1",

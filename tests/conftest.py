@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -16,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["REPE_WORKSPACE"] = tempfile.mkdtemp(prefix="repe-test-workspace-")
 
 from repe.models import LoadedModel, load_model, tiny_model
+
+atexit.register(shutil.rmtree, os.environ["REPE_WORKSPACE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -505,6 +505,15 @@ def test_a_reload_reopens_the_sessions_work(swept: AppState, tmp_path: Path, mon
     assert third.session_state[STATE_KEY].steer == state.steer
 
 
+@pytest.mark.integration
+def test_a_session_that_did_nothing_leaves_no_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REPE_WORKSPACE", str(tmp_path))
+    at = main_app().run()  # the Model & data page, nothing swept, uploaded or steered
+    no_errors(at)
+    assert at.session_state[STATE_KEY].workspace
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_workspace_ids_from_the_address_are_checked(tmp_path: Path, monkeypatch) -> None:
     from app import workspace
 
