@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from repe.calibration import cached_residual_norms, calibration_texts, norms_cache_file
+from repe.calibration import cached_residual_norms, calibration_texts, stored_norms
 from repe.models import LoadedModel, load_model
 from steering.evaluation.control import ABControl, ab_control
 
@@ -33,28 +33,16 @@ def resid_norms(path: str, sites: tuple[str, ...]) -> dict[str, float]:
     session, a reload or a restart of the app never measures the same site twice. A first
     measurement says what it waits for."""
     lm = get_model(path)
-    if not norms_cached(path, sites):
-        layers = ", ".join(s.split(".")[1] for s in sites)
-        with st.spinner(
-            f"Measuring the residual-stream norm at block {layers} on "
-            f"{len(calibration_texts())} neutral texts, once per model (it sets what coefficient 0.1 "
-            "means in the relative scale)…"
-        ):
-            return cached_residual_norms(lm, list(sites))
-    return cached_residual_norms(lm, list(sites))
-
-
-def norms_cached(path: str, sites: tuple[str, ...]) -> bool:
-    """Whether every site's norm is in the disk cache already."""
-    import json
-
-    f = norms_cache_file(get_model(path))
-    if not f.is_file():
-        return False
-    try:
-        return set(sites) <= set(json.loads(f.read_text(encoding="utf-8")))
-    except ValueError:
-        return False
+    known = stored_norms(lm)  # one read of the disk cache on the usual path (all sites known)
+    if set(sites) <= set(known):
+        return {s: known[s] for s in sites}
+    layers = ", ".join(s.split(".")[1] for s in sites)
+    with st.spinner(
+        f"Measuring the residual-stream norm at block {layers} on "
+        f"{len(calibration_texts())} neutral texts, once per model (it sets what coefficient 0.1 "
+        "means in the relative scale)…"
+    ):
+        return cached_residual_norms(lm, list(sites))
 
 
 @st.cache_data(show_spinner="Checking whether the model reads A/B options (once per model)…")

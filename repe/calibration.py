@@ -101,6 +101,19 @@ def norms_cache_file(lm: LoadedModel, texts: Sequence[str] | None = None) -> Pat
     return cache_root() / "norms" / f"{digest}.json"
 
 
+def stored_norms(lm: LoadedModel, texts: Sequence[str] | None = None) -> dict[str, float]:
+    """The norms :func:`cached_residual_norms` has kept on disk for this model (empty when none, or
+    when the file is damaged: it is then measured again and rewritten)."""
+    path = norms_cache_file(lm, texts)
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): float(v) for k, v in loaded.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 def cached_residual_norms(
     lm: LoadedModel, sites: Sequence[str], texts: Sequence[str] | None = None
 ) -> dict[str, float]:
@@ -108,13 +121,7 @@ def cached_residual_norms(
     cache folder, ``REPE_CACHE``); only sites not measured before run the model. The values are
     those :func:`calibrate` writes (same texts, same statistic)."""
     path = norms_cache_file(lm, texts)
-    known: dict[str, float] = {}
-    if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            known = {str(k): float(v) for k, v in loaded.items()}
-        except (ValueError, TypeError, AttributeError):
-            known = {}  # a damaged cache file is measured again and rewritten
+    known = stored_norms(lm, texts)
     missing = [s for s in sites if s not in known]
     if missing:
         known.update(residual_norms(lm, missing, texts))

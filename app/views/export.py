@@ -26,6 +26,19 @@ FILES = {
 }
 
 
+def _zip_pair(folder: Path) -> bytes:
+    """The artifact pair in ``folder`` (``.safetensors`` + ``.json``), zipped; anything else is refused,
+    so a download is never an empty or partial zip."""
+    members = sorted(folder.iterdir())
+    if {f.suffix for f in members} != {".safetensors", ".json"} or len(members) != 2:
+        raise RuntimeError(f"expected an artifact pair, found {[f.name for f in members]}")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in members:
+            zf.write(f, f.name)
+    return buf.getvalue()
+
+
 def export_bytes(spec: SteeringSpec, fmt: str, name: str, fold_coeff: bool = False) -> bytes:
     """Run the library exporter into a temporary folder and return the file's bytes (zip of the
     safetensors + json pair for ``safetensors``)."""
@@ -33,25 +46,14 @@ def export_bytes(spec: SteeringSpec, fmt: str, name: str, fold_coeff: bool = Fal
         out = export(spec, inside(tmp, name), fmt, fold_coeff=fold_coeff)
         if fmt != "safetensors":
             return Path(out).read_bytes()
-        members = sorted(Path(tmp).iterdir())
-        if {f.suffix for f in members} != {".safetensors", ".json"}:
-            raise RuntimeError(f"the safetensors export wrote {[f.name for f in members]}")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            for f in members:
-                zf.write(f, f.name)
-        return buf.getvalue()
+        return _zip_pair(Path(tmp))
 
 
 def direction_zip(direction: Direction, name: str) -> bytes:
     """A direction's artifact pair (``name.safetensors`` + ``name.json``), zipped."""
     with tempfile.TemporaryDirectory() as tmp:
         direction.save(inside(tmp, name))
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            for f in sorted(Path(tmp).iterdir()):
-                zf.write(f, f.name)
-        return buf.getvalue()
+        return _zip_pair(Path(tmp))
 
 
 def restored_spec(state: AppState) -> SteeringSpec | None:
