@@ -62,7 +62,12 @@ def as_chats(prompts: Prompts, chat: bool = True) -> Inputs:
     return prompts  # type: ignore[return-value]
 
 
-def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor,
+    cfg: GenerationConfig,
+    gen: torch.Generator | None,
+    rows: list[torch.Generator] | None = None,
+) -> torch.Tensor:
     if not cfg.do_sample:
         return logits.argmax(-1)
     probs = (logits.float() / cfg.temperature).softmax(-1)
@@ -71,6 +76,8 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | No
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    if rows is not None:  # one generator per row: a row's draws do not depend on its batch
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rows, strict=True)])
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
@@ -81,8 +88,11 @@ def generate_stream(
     config: GenerationConfig | None = None,
     *,
     chat: bool = True,
+    seeds: Sequence[int] | None = None,
 ) -> Generator[Step, None, None]:
-    """Yield one :class:`Step` per new token (all prompts in one left-padded batch, KV cache on)."""
+    """Yield one :class:`Step` per new token (all prompts in one left-padded batch, KV cache on).
+    ``seeds`` (one per prompt, sampling only): each row samples from its own generator, so a row's
+    answer is the same whatever else shares its batch."""
     cfg = config or GenerationConfig()
     inputs = as_chats(prompts, chat)
     enc = encode(lm.tokenizer, inputs)
@@ -93,6 +103,12 @@ def generate_stream(
     pos = batch.position_ids.to(dev)
     eos = lm.tokenizer.eos_token_id
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
+    rows = None
+    if seeds is not None:
+        if len(seeds) != len(enc):
+            raise ValueError(f"seeds must give one seed per prompt: {len(seeds)} for {len(enc)}")
+        if cfg.do_sample:
+            rows = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     out_ids: list[list[int]] = [[] for _ in enc]
     finished = [False] * len(enc)
     from transformers import DynamicCache
@@ -121,7 +137,7 @@ def generate_stream(
         step_ids, step_pos = ids, pos
         for i in range(cfg.max_new_tokens):
             logits = scope.run(step, step_ids, mask, step_pos)
-            nxt = _pick(logits, cfg, gen)
+            nxt = _pick(logits, cfg, gen, rows)
             toks = nxt.tolist()
             for b, t in enumerate(toks):
                 if not finished[b]:
@@ -146,10 +162,11 @@ def generate(
     config: GenerationConfig | None = None,
     *,
     chat: bool = True,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Completions of every prompt (steered when ``spec`` is given)."""
     texts: list[str] = []
-    for step in generate_stream(lm, prompts, spec, config, chat=chat):
+    for step in generate_stream(lm, prompts, spec, config, chat=chat, seeds=seeds):
         texts = step.texts
     return texts
 

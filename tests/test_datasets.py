@@ -19,6 +19,7 @@ FOLDERS = (
     "ab_control",
     "anthropic_persona",
     "caa",
+    "control_questions",
     "ethics",
     "moralchoice",
     "neutral",

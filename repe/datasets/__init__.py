@@ -33,6 +33,13 @@ from repe.datasets.catalogue import available, list_concepts, load_concept
 from repe.datasets.core import ContrastDataset, ContrastPair, DatasetNotFoundError, Side
 from repe.datasets.io import iter_csv, iter_jsonl, load_pairs_file
 from repe.datasets.neutral import load_neutral
+from repe.datasets.questions import (
+    Question,
+    QuestionSet,
+    list_question_sets,
+    load_questions,
+    question_set,
+)
 from repe.datasets.templates import (
     DEFAULT_PERSONA_TEMPLATE,
     make_persona_pairs,
@@ -76,6 +83,8 @@ __all__ = [
     "LabeledStatement",
     "MoralChoiceScenario",
     "PersonaStatement",
+    "Question",
+    "QuestionSet",
     "Side",
     "ValueItem",
     "available",
@@ -84,6 +93,7 @@ __all__ = [
     "iter_csv",
     "iter_jsonl",
     "list_concepts",
+    "list_question_sets",
     "load_caa",
     "load_caa_items",
     "load_concept",
@@ -96,6 +106,7 @@ __all__ = [
     "load_moralchoice_templates",
     "load_pairs_file",
     "load_persona",
+    "load_questions",
     "load_refusal",
     "load_truncated_outputs",
     "load_value_definitions",
@@ -104,6 +115,7 @@ __all__ = [
     "persona_names",
     "persona_pairs",
     "persona_side",
+    "question_set",
     "shipped_folders",
     "token_prefixes",
 ]
