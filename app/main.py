@@ -16,7 +16,7 @@ import streamlit as st  # noqa: E402
 
 from app import nav, workspace  # noqa: E402
 from app.state import get_state  # noqa: E402
-from app.views import export, model_data, read, steer  # noqa: E402
+from app.views import export, model_data, read, steer, valuemap  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +26,9 @@ def main() -> None:
         st.Page(read.render, title="Read", url_path="read"),
         st.Page(steer.render, title="Steer live", url_path="steer"),
         st.Page(export.render, title="Export", url_path="export"),
+        st.Page(valuemap.render, title="Value map", url_path="valuemap"),
     ]
-    nav.PAGES.update(zip(("model", "read", "steer", "export"), pages, strict=True))
+    nav.PAGES.update(zip(("model", "read", "steer", "export", "valuemap"), pages, strict=True))
     current = st.navigation(pages)
     nav.follow()
     state = get_state()

@@ -5,11 +5,17 @@ session's script run (the active spec lives in a contextvar)."""
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
+from probes.valuemap.encoder import SentenceEncoder
 from repe.calibration import cached_residual_norms, calibration_texts, stored_norms
 from repe.models import LoadedModel, load_model
+from steering.evaluation.answers import AnswerCache
 from steering.evaluation.control import ABControl, ab_control
+
+ANSWER_CACHE_ENV = "REPE_ANSWER_CACHE"
 
 
 @st.cache_resource(show_spinner="Loading the model…")
@@ -50,3 +56,15 @@ def ab_control_result(path: str = "") -> ABControl:
     """The A/B control (``steering.evaluation.control``) on the unsteered model: does its answer letter depend
     on the options at all? Measured once per model and shared between sessions."""
     return ab_control(get_model(path))
+
+
+@st.cache_resource(show_spinner="Loading the sentence encoder…")
+def get_encoder() -> SentenceEncoder:
+    """The value map's frozen sentence encoder (all-MiniLM-L6-v2), loaded once per process."""
+    return SentenceEncoder()
+
+
+def answer_cache() -> AnswerCache:
+    """Where the Value map page keeps generated answers: ``REPE_ANSWER_CACHE`` when set (the tests
+    point it at a scratch folder), else the library's default (``~/.cache/repe/answers``)."""
+    return AnswerCache(os.environ.get(ANSWER_CACHE_ENV) or None)

@@ -16,6 +16,7 @@ from repe.activations import ActivationSet
 from repe.datasets import ContrastDataset
 from repe.directions import Direction
 from steering.evaluation.sweep import SweepReport
+from steering.evaluation.valuemap import ValueMapResult
 
 STATE_KEY = "repe_app"
 
@@ -32,6 +33,18 @@ class SteerSettings:
     scale: str = "relative"
     prompt: str = "Tell me about your weekend."
     max_new_tokens: int = 32
+
+
+@dataclass
+class ValueMapRun:
+    """The Value map page's last completed run: the result, what it was made from (a one-line
+    summary per setting) and its two downloads, prepared once when the run ends."""
+
+    result: ValueMapResult
+    settings: dict[str, str]
+    head_zip: bytes
+    metrics_json: bytes
+    seconds: float = 0.0
 
 
 @dataclass
@@ -60,6 +73,7 @@ class AppState:
     notes: list[str] = field(default_factory=list)  # warnings to show once (e.g. from a reload)
     # the last sweep's directions, built once per sweep: (the SweepResult they came from, by name)
     sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
+    valuemap: ValueMapRun | None = None  # the Value map page's last completed run
 
 
 def get_state() -> AppState:

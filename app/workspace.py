@@ -10,6 +10,9 @@ What it holds (each part rewritten, atomically, only when it changed)::
     sweep/               the last Read sweep (probes.sweep_store)
     acts_pos/ acts_neg/  its activations (for the PCA scatter)
     directions/          the uploaded direction artifacts (safetensors + json)
+    valuemap/            the Value map page's last run (steering.evaluation.valuemap.save_valuemap:
+                         map and confusion HTML, metrics, records, the head artifact); written
+                         only: a reload does not reopen it (the library has no loader for it)
 
 A damaged part is left out with a warning; the rest still loads.
 """
@@ -80,7 +83,12 @@ def save(state: AppState) -> None:
     from probes.sweep_store import save_sweep
 
     base = folder(state)
-    has_work = state.sweep is not None or state.directions or state.steer.direction_names
+    has_work = (
+        state.sweep is not None
+        or state.directions
+        or state.steer.direction_names
+        or state.valuemap is not None
+    )
     if not has_work and not base.is_dir():
         return  # a session that has done nothing yet leaves no folder behind
     saved = state.saved
@@ -95,6 +103,14 @@ def save(state: AppState) -> None:
         if saved.get(f"direction:{name}") != id(d):
             d.save(inside(base / "directions", files[name]))
             saved[f"direction:{name}"] = id(d)
+    if state.valuemap is not None and saved.get("valuemap") != id(state.valuemap):
+        from steering.evaluation.valuemap import save_valuemap
+
+        try:
+            save_valuemap(state.valuemap.result, base / "valuemap")
+        except Exception as exc:  # noqa: BLE001 - the page already shows the result; say, once
+            state.notes.append(f"the value map could not be written to the workspace ({exc})")
+        saved["valuemap"] = id(state.valuemap)
     text = json.dumps(_settings(state, files), indent=1, sort_keys=True)
     if saved.get("settings") != text:
         write_text(base / "settings.json", text)

@@ -1,5 +1,6 @@
 """End to end: the real Streamlit server in headless Chromium runs a sweep and a steered generation,
-cancels a long sweep, and serves two browser sessions steering differently at the same time.
+cancels a long sweep, runs (and cancels) a value map, and serves two browser sessions steering
+differently at the same time.
 
 The server is started with the README's main command (``./dev app``, i.e. ``python -m repe app``).
 
@@ -34,6 +35,7 @@ from steering.generate import GenerationConfig, generate
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("REPE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+SCREENSHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -53,10 +55,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """``streamlit run app/main.py`` on 127.0.0.1 (stopped by its own process id afterwards)."""
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``streamlit run app/main.py`` on 127.0.0.1 (stopped by its own process id afterwards), with the
+    Value map page's answer cache in a scratch folder (every run really generates)."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "REPE_ANSWER_CACHE": str(tmp_path_factory.mktemp("answers")),
+    }
     flags = ["--port", str(port), "--address", "127.0.0.1", "--headless"]
     if Path(sys.prefix).resolve() == (ROOT / ".venv").resolve():
         cmd = [str(ROOT / "dev"), "app", *flags]  # the README's command, exactly
@@ -228,6 +236,89 @@ def test_a_long_sweep_can_be_cancelled(server: str) -> None:
             assert page.get_by_text("best ", exact=False).count() == 0, "no result was stored"
             assert page.locator("[data-testid='stException']").count() == 0
             assert stopped_in < 30, f"the sweep took {stopped_in:.0f}s to stop"
+        finally:
+            browser.close()  # type: ignore[attr-defined]
+
+
+# ---- the Value map page --------------------------------------------------------------------------
+def set_number(page: object, label: str, value: int) -> None:
+    """Type ``value`` into the number input ``label`` and commit it (Enter)."""
+    box = page.get_by_role("spinbutton", name=label)  # type: ignore[attr-defined]
+    box.fill(str(value))
+    box.press("Enter")
+    wait_idle(page)
+
+
+def test_value_map_in_a_browser(server: str) -> None:
+    """The tiny setting (3 personas, 6 value questions, no control set, 8 new tokens) runs to the map,
+    the confusion matrix and the metrics table; the screenshot goes to docs/screenshots/issue14."""
+    out = SCREENSHOTS / "issue14"
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})  # type: ignore[attr-defined]
+            page.goto(server)
+            page.get_by_role("link", name="Value map").click()  # listed in the navigation
+            run = page.get_by_role("button", name="Generate and train")
+            run.wait_for(timeout=120_000)
+            wait_idle(page)
+            page.get_by_role("button", name="Remove altruist").click()  # 4 default personas -> 3
+            wait_idle(page)
+            set_number(page, "Number of value questions", 6)
+            set_number(page, "Answer length (new tokens)", 8)
+            assert not page.get_by_role("checkbox", name="Add the control set").is_checked()
+            run.click()
+            # the run shows its stage and a Cancel button while it works
+            page.get_by_role("button", name="Cancel value map").wait_for(timeout=60_000)
+            page.get_by_text("Who answered? The trained head", exact=False).wait_for(
+                timeout=300_000
+            )
+            wait_idle(page)
+            charts = page.locator("[data-testid='stPlotlyChart']")
+            charts.nth(1).wait_for(timeout=120_000)  # plotly's bundle arrives lazily
+            charts.nth(0).locator(".main-svg").first.wait_for(timeout=60_000)
+            charts.nth(1).locator(".main-svg").first.wait_for(timeout=60_000)
+            assert charts.count() == 2, "the value map and the confusion matrix"
+            assert page.locator("[data-testid='stDataFrame']").count() >= 1, "the metrics table"
+            sync_api.expect(
+                page.get_by_text("rest on 1 held-out value question", exact=False)
+            ).to_have_count(1)
+            assert page.locator("[data-testid='stDownloadButton']").count() == 2
+            assert page.get_by_role("button", name="Cancel value map").count() == 0
+            assert page.locator("[data-testid='stException']").count() == 0
+            assert page.locator("[data-testid='stAlertContentError']").count() == 0
+            page.wait_for_timeout(1000)  # let the charts finish drawing
+            page.screenshot(path=str(out / "value_map.png"), full_page=True)
+        finally:
+            browser.close()  # type: ignore[attr-defined]
+
+
+def test_a_long_value_map_can_be_cancelled(server: str) -> None:
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})  # type: ignore[attr-defined]
+            page.goto(f"{server}/valuemap")
+            run = page.get_by_role("button", name="Generate and train")
+            run.wait_for(timeout=120_000)
+            wait_idle(page)
+            set_number(page, "Number of value questions", 200)  # 4 sources x 25 batches: minutes
+            run.click()
+            cancel = page.get_by_role("button", name="Cancel value map")
+            cancel.wait_for(timeout=60_000)
+            page.get_by_text("batch 2 of 100", exact=False).wait_for(timeout=120_000)
+            t0 = time.monotonic()
+            cancel.click()
+            page.get_by_text("Cancelled the value map", exact=False).wait_for(timeout=60_000)
+            wait_idle(page, 60_000)
+            stopped_in = time.monotonic() - t0
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "e2e_valuemap_cancel.png"), full_page=True)
+            assert page.get_by_text("then press Generate and train", exact=False).count() == 1
+            assert page.locator("[data-testid='stPlotlyChart']").count() == 0, "no result stored"
+            assert page.locator("[data-testid='stException']").count() == 0
+            assert stopped_in < 30, f"the value map took {stopped_in:.0f}s to stop"
         finally:
             browser.close()  # type: ignore[attr-defined]
 

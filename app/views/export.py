@@ -26,7 +26,7 @@ FILES = {
 }
 
 
-def _zip_pair(folder: Path) -> bytes:
+def zip_pair(folder: Path) -> bytes:
     """The artifact pair in ``folder`` (``.safetensors`` + ``.json``), zipped; anything else is refused,
     so a download is never an empty or partial zip."""
     members = sorted(folder.iterdir())
@@ -46,14 +46,14 @@ def export_bytes(spec: SteeringSpec, fmt: str, name: str, fold_coeff: bool = Fal
         out = export(spec, inside(tmp, name), fmt, fold_coeff=fold_coeff)
         if fmt != "safetensors":
             return Path(out).read_bytes()
-        return _zip_pair(Path(tmp))
+        return zip_pair(Path(tmp))
 
 
 def direction_zip(direction: Direction, name: str) -> bytes:
     """A direction's artifact pair (``name.safetensors`` + ``name.json``), zipped."""
     with tempfile.TemporaryDirectory() as tmp:
         direction.save(inside(tmp, name))
-        return _zip_pair(Path(tmp))
+        return zip_pair(Path(tmp))
 
 
 def restored_spec(state: AppState) -> SteeringSpec | None:

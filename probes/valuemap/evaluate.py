@@ -22,7 +22,9 @@ def split_questions(
 ) -> tuple[set[str], set[str], set[str]]:
     """Disjoint train / validation / test sets of question ids (seeded shuffle of the distinct ids)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1; got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers summing to 1; got {fractions}"
+        )
     unique = sorted(set(qids))
     if len(unique) < 3:
         raise ValueError(f"splitting needs >= 3 distinct questions; got {len(unique)}")
@@ -150,13 +152,17 @@ def _scores(
     )
 
 
-def _check(train: np.ndarray, test: np.ndarray, train_src: Sequence[str], test_src: Sequence[str]) -> None:
+def _check(
+    train: np.ndarray, test: np.ndarray, train_src: Sequence[str], test_src: Sequence[str]
+) -> None:
     if len(train) != len(train_src) or len(test) != len(test_src):
         raise ValueError("embeddings and source labels differ in length")
     if len(train) == 0 or len(test) == 0:
         raise ValueError("identification needs training and test records")
     if train.shape[1] != test.shape[1]:
-        raise ValueError(f"train and test embeddings differ in width: {train.shape[1]} vs {test.shape[1]}")
+        raise ValueError(
+            f"train and test embeddings differ in width: {train.shape[1]} vs {test.shape[1]}"
+        )
     if not (np.isfinite(train).all() and np.isfinite(test).all()):
         raise ValueError("the embeddings contain NaN or inf")
 

@@ -122,7 +122,14 @@ def confusion_figure(labels: Sequence[str], confusion: Sequence[Sequence[int]], 
 
     z = torch.tensor(confusion, dtype=torch.float32)
     fig = go.Figure(
-        go.Heatmap(z=z.tolist(), x=list(labels), y=list(labels), colorscale="Blues", text=confusion, texttemplate="%{text}")
+        go.Heatmap(
+            z=z.tolist(),
+            x=list(labels),
+            y=list(labels),
+            colorscale="Blues",
+            text=confusion,
+            texttemplate="%{text}",
+        )
     )
     fig.update_layout(
         title=title,

@@ -70,7 +70,9 @@ class Source:
 
 
 def question_seed(seed: int, qid: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{qid}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return (
+        int.from_bytes(hashlib.sha256(f"{seed}:{qid}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+    )
 
 
 class AnswerCache:
