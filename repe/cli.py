@@ -330,6 +330,107 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_valuemap(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from repe.datasets import load_questions, question_set
+    from repe.directions import Direction
+    from steering.evaluation.answers import AnswerCache
+    from steering.evaluation.valuemap import (
+        ValueMapConfig,
+        persona_sources,
+        run_valuemap,
+        save_valuemap,
+        sweep_sources,
+    )
+    from steering.generate import GenerationConfig
+    from steering.spec import SteeringSpec
+
+    sampling = GenerationConfig(
+        max_new_tokens=args.tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=0.9,
+        seed=args.seed,
+    )
+    sources = _flag("--personas", persona_sources, args.personas, sampling)
+    if Path(args.questions).suffix in (".jsonl", ".csv"):
+        questions = _flag(f"--questions {args.questions}", load_questions, args.questions)
+        if args.n_questions:
+            questions = questions.sample(args.n_questions, args.seed)
+    else:
+        questions = _flag("--questions", question_set, args.questions, args.n_questions, args.seed)
+    control = question_set("control", args.control, args.seed) if args.control else None
+    lm = _load(args)
+    trajectories = []
+    if args.direction:
+        if not args.coeffs:
+            raise _FlagError(
+                "--coeffs: give the steering sweep's coefficients, e.g. --coeffs=0.1,0.2"
+            )
+        direction = _flag(f"--direction {args.direction}", Direction.load, args.direction, model=lm)
+        base = "assistant" if "assistant" in args.personas else None
+        swept, traj = _flag(
+            "--coeffs",
+            sweep_sources,
+            SteeringSpec(direction, 0.0, scale=args.scale),
+            args.coeffs,
+            label=args.sweep_label or direction.name or "steer",
+            base=base,
+            sampling=sampling,
+        )
+        sources += swept
+        trajectories.append(traj)
+    config = ValueMapConfig(
+        k=args.k, seed=args.seed, map_method=args.map, batch_size=args.batch_size
+    )
+    result = run_valuemap(
+        lm,
+        sources,
+        questions,
+        control,
+        trajectories=trajectories,
+        config=config,
+        cache=AnswerCache(args.cache) if args.cache else None,
+        progress=True,
+    )
+    paths = save_valuemap(result, Path(args.out))
+    m = result.metrics()
+    print(
+        f"{len(sources)} sources x {len(questions)} value questions"
+        + (f" + {len(control)} control" if control else "")
+    )
+    print(f"{'method':<20} {'acc@1':>6} {'95% CI':>15} {'acc@3':>6} {'F1':>6} {'records':>8}")
+    for name, sc in m["scores"].items():
+        lo, hi = sc["acc1_ci95"]
+        print(
+            f"{name:<20} {sc['acc1']:6.3f} [{lo:5.3f}, {hi:5.3f}] {sc['acc3']:6.3f} "
+            f"{sc['f1_weighted']:6.3f} {sc['n_records']:8d}"
+        )
+    print(f"chance: {1 / len(sources):.3f}")
+    for name, d in m["differences_acc1"].items():
+        print(f"{name}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+    for t in m["trajectories"]:
+        print(
+            f"sweep {t['names']}: spearman(coeff, axis 1) {t['spearman_coeff_vs_axis1']:+.2f}"
+            + (
+                f", spearman(|coeff|, distance from base) {t['spearman_abs_coeff_vs_distance']:+.2f}"
+                if "spearman_abs_coeff_vs_distance" in t
+                else ""
+            )
+        )
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _name_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give comma-separated names")
+    return names
+
+
 def app_command(args: argparse.Namespace) -> list[str]:
     """The ``streamlit run`` command line that serves the workbench app (``app/main.py``, shipped in
     the package beside ``repe``)."""
@@ -538,6 +639,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gguf-model", default=None, help="model path to show in the llama.cpp command")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "valuemap",
+        help="UniVaR-style value map: personas and a steering sweep answer value questions; "
+        "a head learns whose answer is whose",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--personas",
+        type=_name_list,
+        default=["assistant", "traditionalist", "free_spirit", "altruist", "achiever", "cautious"],
+        help="comma-separated built-in personas (system prompts; see steering.evaluation.valuemap)",
+    )
+    p.add_argument(
+        "--direction", default=None, type=_existing_file, help="direction for a steering sweep"
+    )
+    p.add_argument(
+        "--coeffs", type=_float_list, default=[], help="sweep coefficients, e.g. --coeffs=0.15,0.3"
+    )
+    p.add_argument("--scale", default="relative", choices=["relative", "unit", "mean_diff", "raw"])
+    p.add_argument("--sweep-label", default=None, help="name prefix of the sweep's sources")
+    p.add_argument(
+        "--questions",
+        default="values",
+        help="a question set (values, valuebench, moralchoice, persona) or a .jsonl/.csv file",
+    )
+    p.add_argument("--n-questions", type=_positive_int, default=200)
+    p.add_argument("--control", type=int, default=100, help="non-value control questions (0: none)")
+    p.add_argument("--tokens", type=_positive_int, default=32, help="new tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=_positive_int, default=50, help="neighbours for kNN identification")
+    p.add_argument("--map", default="pca", choices=["pca", "tsne"])
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--cache", default=None, help="answer cache folder (default: the repe cache)")
+    p.add_argument("--out", default="valuemap_out", help="folder for the map, metrics and head")
+    p.set_defaults(func=cmd_valuemap)
     return ap
 
 

@@ -166,7 +166,7 @@ def test_linear_probe_and_tfidf_baseline_identify_planted_sources() -> None:
     )
     assert lin.acc1 > 0.8 and lin.acc3 >= lin.acc1 and len(lin.confusion) == 6
     words = {f"s{s}": f"marker{s}" for s in range(6)}
-    texts = [f"Q: question {q} A: some answer {words[s]} filler" for s, q in zip(sources, qids)]
+    texts = [f"Q: question {q} A: some answer {words[s]} filler" for s, q in zip(sources, qids, strict=True)]
     tf = identify_tfidf(
         [texts[i] for i in tr],
         [sources[i] for i in tr],

@@ -57,7 +57,7 @@ class SentenceEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device)
-        self.identity = {
+        self.identity: dict[str, Any] = {
             "name": name,
             "dim": int(model.config.hidden_size),
             "weights_hash": digest,

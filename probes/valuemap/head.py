@@ -79,6 +79,7 @@ class ValueHead(nn.Module):
         )
         if self.residual:  # start as the frozen encoder itself
             last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+            assert isinstance(last, nn.Linear)
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.d_in = d_in
@@ -96,11 +97,15 @@ class ValueHead(nn.Module):
         cov = torch.cov((x - mu).T)
         cov = (1 - c) * cov + c * cov.trace() / x.shape[1] * torch.eye(x.shape[1])
         vals, vecs = torch.linalg.eigh(cov)
+        self.center: Tensor
+        self.whitener: Tensor
         self.center.copy_(mu)
         self.whitener.copy_(vecs @ torch.diag(vals.clamp(min=1e-12).rsqrt()) @ vecs.T)
 
     def forward(self, x: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_out"]:
-        x = (x - self.center) @ self.whitener
+        center: Tensor = self.center
+        whitener: Tensor = self.whitener
+        x = (x - center) @ whitener
         y = self.net(x)
         return nn.functional.normalize(x + y if self.residual else y, dim=-1)
 
