@@ -72,7 +72,11 @@ def _pick(
         return logits.argmax(-1)
     probs = (logits.float() / cfg.temperature).softmax(-1)
     if cfg.top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
+        # the nucleus almost always lies in the top 512 tokens: find it there (exact), and sort the
+        # whole vocabulary only when some row's top 512 hold less than top_p
+        sorted_p, idx = probs.topk(min(512, probs.shape[-1]), dim=-1)
+        if bool((sorted_p.sum(-1) < cfg.top_p).any()):
+            sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)

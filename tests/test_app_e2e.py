@@ -257,7 +257,9 @@ def test_value_map_in_a_browser(server: str) -> None:
     with sync_api.sync_playwright() as pw:
         browser = launch(pw)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})  # type: ignore[attr-defined]
+            # tall enough for the whole result (Streamlit scrolls inside the page, which a full-page
+            # screenshot does not follow)
+            page = browser.new_page(viewport={"width": 1400, "height": 2900})  # type: ignore[attr-defined]
             page.goto(server)
             page.get_by_role("link", name="Value map").click()  # listed in the navigation
             run = page.get_by_role("button", name="Generate and train")
@@ -288,6 +290,7 @@ def test_value_map_in_a_browser(server: str) -> None:
             assert page.get_by_role("button", name="Cancel value map").count() == 0
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("[data-testid='stAlertContentError']").count() == 0
+            page.mouse.move(0, 0)  # no tooltip over the settings
             page.wait_for_timeout(1000)  # let the charts finish drawing
             page.screenshot(path=str(out / "value_map.png"), full_page=True)
         finally:
@@ -304,6 +307,7 @@ def test_a_long_value_map_can_be_cancelled(server: str) -> None:
             run.wait_for(timeout=120_000)
             wait_idle(page)
             set_number(page, "Number of value questions", 200)  # 4 sources x 25 batches: minutes
+            set_number(page, "Answer length (new tokens)", 8)  # short batches: a quick first stop
             run.click()
             cancel = page.get_by_role("button", name="Cancel value map")
             cancel.wait_for(timeout=60_000)

@@ -165,6 +165,7 @@ def test_tiny_value_map_shows_map_confusion_and_metrics(scratch_answer_cache: Pa
     # 6 questions -> 1 held out (3 answers): the captions say so and warn
     captions = " ".join(c.value for c in at.caption)
     assert "rest on 1 held-out value question (3 answers, one per source)" in captions
+    assert "k = 50 is at least the number of training answers (12)" in captions  # 4 questions x 3
     assert any("Only 1 held-out question" in w.value for w in at.warning)
     assert "held-out question" in at.success[0].value
     assert len(at.get("download_button")) == 2
@@ -207,9 +208,13 @@ def test_bad_input_is_a_one_line_error(
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_steering_sweep_is_a_trajectory_on_the_map(with_direction: AppState) -> None:
+def test_a_steering_sweep_is_a_trajectory_on_the_map_with_the_control_set(
+    with_direction: AppState,
+) -> None:
     at = page(AppState(directions=dict(with_direction.directions))).run()
     tiny(at, ["assistant", "altruist"])
+    widget(at.checkbox, "Add the control set").check().run()  # type: ignore[attr-defined]
+    widget(at.number_input, "Number of control questions").set_value(4)  # type: ignore[attr-defined]
     widget(at.selectbox, "Steering sweep").set_value("uploaded:plus").run()  # type: ignore[attr-defined]
     assert widget(at.selectbox, "Layer").value == LAYER  # type: ignore[attr-defined]
     widget(at.text_input, "Coefficients (relative scale)").set_value("0.5, 1")  # type: ignore[attr-defined]
@@ -221,5 +226,10 @@ def test_a_steering_sweep_is_a_trajectory_on_the_map(with_direction: AppState) -
     assert list(points["source"]) == ["assistant", "plus@L12+0.5", "plus@L12+1"]
     assert list(points["distance from the unsteered source"])[0] == "0 (base)"
     assert any("Spearman correlation of the coefficient" in c.value for c in at.caption)
+    # the control set: half of its 4 questions index the kNN, the other half are scored
+    assert "trained head, kNN, control questions" in set(at.dataframe[0].value["method"])
+    captions = " ".join(c.value for c in at.caption)
+    assert "control rows rest on 2 control questions (8 answers)" in captions
+    assert "4 control questions" in run.settings["control"]
     (trajectory,) = json.loads(run.metrics_json)["trajectories"]
     assert trajectory["coeffs"] == [0.0, 0.5, 1.0]

@@ -166,7 +166,10 @@ def test_linear_probe_and_tfidf_baseline_identify_planted_sources() -> None:
     )
     assert lin.acc1 > 0.8 and lin.acc3 >= lin.acc1 and len(lin.confusion) == 6
     words = {f"s{s}": f"marker{s}" for s in range(6)}
-    texts = [f"Q: question {q} A: some answer {words[s]} filler" for s, q in zip(sources, qids, strict=True)]
+    texts = [
+        f"Q: question {q} A: some answer {words[s]} filler"
+        for s, q in zip(sources, qids, strict=True)
+    ]
     tf = identify_tfidf(
         [texts[i] for i in tr],
         [sources[i] for i in tr],
@@ -219,6 +222,10 @@ def test_the_head_artifact_round_trips_and_refuses_another_encoder(tmp_path) -> 
     loaded.check_encoder(enc)
     with pytest.raises(ArtifactMismatchError, match="weights_hash"):
         loaded.check_encoder({**enc, "weights_hash": "other"})
+    with pytest.raises(
+        ValueError, match="reserved"
+    ):  # a pipeline's own "config" must not shadow the head's
+        ValueEmbedder(head, {"config": {"batch_size": 64}})
 
 
 def test_records_file_survives_an_interrupted_append_and_names_a_bad_line(tmp_path) -> None:

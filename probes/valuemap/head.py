@@ -295,7 +295,12 @@ class ValueEmbedder:
     KIND = "value_head"
     FORMAT_VERSION = 1
 
+    RESERVED = ("config", "d_in", "history", "best_epoch")
+
     def __init__(self, head: ValueHead, info: dict[str, Any] | None = None) -> None:
+        clash = sorted(set(info or {}) & set(self.RESERVED))
+        if clash:
+            raise ValueError(f"info keys {clash} are reserved for the head itself")
         self.head = head
         self.info = dict(info or {})
 

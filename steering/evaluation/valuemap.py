@@ -108,6 +108,13 @@ class ValueMapConfig:
     seed: int = 0
     map_method: str = "pca"
     batch_size: int = 64
+    head_input: str = (
+        "answer"  # what the head reads: "answer" (the answer text) or "qa" (Q: ... A: ...)
+    )
+
+    def __post_init__(self) -> None:
+        if self.head_input not in ("answer", "qa"):
+            raise ValueError(f"head_input must be 'answer' or 'qa'; got {self.head_input!r}")
 
 
 @dataclass
@@ -244,14 +251,18 @@ def run_valuemap(
     say("encode")
     encoder = encoder or SentenceEncoder()
     emb = encoder.embed([r.text() for r in records], progress=progress)
+    # the head reads the answers alone by default: every source answers the same questions, so the
+    # question's text says nothing about who answered (the frozen baselines read Q: ... A: ... as in
+    # UniVaR's evaluation, and the frozen encoder on answers alone is reported beside them)
+    ans = emb if cfg.head_input == "qa" else encoder.embed([r.answer for r in records])
     value = [i for i, r in enumerate(records) if r.kind == "value"]
     ctrl = [i for i, r in enumerate(records) if r.kind == "control"]
     train_q, val_q, test_q = split_questions([records[i].qid for i in value], cfg.split, cfg.seed)
     say("train")
     src = [r.source for r in records]
     qid = [r.qid for r in records]
-    head = train_head(emb, src, qid, train_q, val_q, cfg.head, progress=progress)
-    hemb = head.embed(emb)
+    head = train_head(ans, src, qid, train_q, val_q, cfg.head, progress=progress)
+    hemb = head.embed(ans)
     say("evaluate")
 
     def rows(keep: set[str], among: list[int]) -> list[int]:
@@ -277,6 +288,16 @@ def run_valuemap(
         "frozen_knn": identify_knn(
             pick(emb, tr), labels(tr), pick(emb, te), labels(te), qs(te), cfg.k, "frozen_knn", s
         ),
+        "frozen_knn_answer": identify_knn(
+            pick(ans, tr),
+            labels(tr),
+            pick(ans, te),
+            labels(te),
+            qs(te),
+            cfg.k,
+            "frozen_knn_answer",
+            s,
+        ),
         "tfidf_knn": identify_tfidf(
             [texts[i] for i in tr], labels(tr), [texts[i] for i in te], labels(te), qs(te), cfg.k, s
         ),
@@ -290,6 +311,9 @@ def run_valuemap(
     differences = {
         "head_knn - frozen_knn": bootstrap_difference(
             scores["head_knn"], scores["frozen_knn"], seed=s
+        ),
+        "head_knn - frozen_knn_answer": bootstrap_difference(
+            scores["head_knn"], scores["frozen_knn_answer"], seed=s
         ),
         "head_knn - tfidf_knn": bootstrap_difference(
             scores["head_knn"], scores["tfidf_knn"], seed=s
@@ -341,7 +365,7 @@ def run_valuemap(
         if control is None
         else {"name": control.name, "fingerprint": control.fingerprint, "n": len(control)},
         "sources": [{"name": x.name, **x.key(), "coeff": x.coeff} for x in sources],
-        "config": {**asdict(cfg), "head": asdict(cfg.head)},
+        "pipeline": {**asdict(cfg), "head": asdict(cfg.head)},
     }
     return ValueMapResult(
         records, head, scores, differences, traj, names, xy, info, splits, meta, complete
