@@ -77,6 +77,9 @@ HELP = {
     "more about values and take longer to generate.",
     "seed": "Seeds the question sample, the answers' sampling, the train / validation / test split "
     "of the questions and the head's training.",
+    "k": "kNN acc@1 scores a held-out answer by the votes of its k most similar training answers "
+    "(UniVaR uses 50). When k reaches the number of training answers every one of them votes, and "
+    "the vote is decided by summed similarity (a nearest-centroid rule).",
     "map": "How the sources' mean embeddings are drawn in 2-D: PCA (the two directions of most "
     "variance; distances are meaningful) or t-SNE (neighbourhoods kept, distances not).",
     "run": "Generate every source's answers (kept in the answer cache: a rerun of the same setting, "
@@ -87,7 +90,7 @@ HELP = {
 }
 COLUMN_HELP = {
     "acc@1 [95% CI]": "kNN acc@1: the share of held-out answers whose true source is ranked first "
-    "(for kNN: gets the most votes among the 50 nearest training answers; for the linear probe: the "
+    "(for kNN: gets the most votes among the k nearest training answers; for the linear probe: the "
     "highest score). 95% bootstrap interval over held-out questions.",
     "acc@3": "The true source among the three ranked highest (always 1 with three sources).",
     "F1": "F1 averaged over sources, weighted by their number of held-out answers.",
@@ -95,12 +98,13 @@ COLUMN_HELP = {
     "questions": "Held-out questions the row rests on.",
     "answers": "Held-out answers scored (one per source per question).",
 }
-LABELS = {
+LABELS = {  # the library's score keys; a key not named here is shown as it is
     "head_knn": "trained head, kNN",
-    "frozen_knn": "frozen encoder, kNN",
-    "tfidf_knn": "TF-IDF words, kNN",
+    "frozen_knn": "frozen encoder (Q + A), kNN",
+    "frozen_knn_answer": "frozen encoder (answer alone), kNN",
+    "tfidf_knn": "TF-IDF words (Q + A), kNN",
     "head_linear": "trained head, linear probe",
-    "frozen_linear": "frozen encoder, linear probe",
+    "frozen_linear": "frozen encoder (Q + A), linear probe",
     "head_knn_control": "trained head, kNN, control questions",
     "frozen_knn_control": "frozen encoder, kNN, control questions",
 }
@@ -128,6 +132,7 @@ class ValueMapRequest:
     n_control: int = 12
     max_new_tokens: int = 32
     seed: int = 0
+    k: int = 50
     map_method: str = "pca"
 
 
@@ -201,10 +206,11 @@ def request_ui(library: dict[str, Direction]) -> tuple[ValueMapRequest, bool]:
     n_control = c2.number_input(
         "Number of control questions", 4, 500, 12, disabled=not control, help=HELP["n_control"]
     )
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     tokens = c1.number_input("Answer length (new tokens)", 4, 256, 32, help=HELP["tokens"])
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, help=HELP["seed"])
-    method = c3.radio("Map", list(MAP_METHODS), horizontal=True, help=HELP["map"])
+    k = c3.number_input("Neighbours (k)", 1, 500, 50, help=HELP["k"])
+    method = c4.radio("Map", list(MAP_METHODS), horizontal=True, help=HELP["map"])
     request = ValueMapRequest(
         personas=list(personas),
         direction=direction,
@@ -217,6 +223,7 @@ def request_ui(library: dict[str, Direction]) -> tuple[ValueMapRequest, bool]:
         n_control=int(n_control),
         max_new_tokens=int(tokens),
         seed=int(seed),
+        k=int(k),
         map_method=MAP_METHODS[str(method)],
     )
     return request, st.button("Generate and train", type="primary", help=HELP["run"])
@@ -321,7 +328,9 @@ def make_plan(state: AppState, library: dict[str, Direction], request: ValueMapR
         f"{request.max_new_tokens} new tokens, sampled at temperature {sampling.temperature:g}, "
         f"top-p {sampling.top_p:g}; seed {request.seed}"
     )
-    config = ValueMapConfig(seed=request.seed, map_method=request.map_method, batch_size=BATCH)
+    config = ValueMapConfig(
+        k=request.k, seed=request.seed, map_method=request.map_method, batch_size=BATCH
+    )
     return Plan(sources, trajectories, questions, control, config, summary)
 
 
@@ -438,6 +447,19 @@ def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def knn_note(result: ValueMapResult) -> str | None:
+    """When k reaches the number of training answers: every one of them votes."""
+    train = set(result.splits.get("train", []))
+    n_train = sum(r.kind == "value" and r.qid in train for r in result.records)
+    k = int(result.info.get("config", {}).get("k", 0))
+    if not n_train or k < n_train:
+        return None
+    return (
+        f"k = {k} is at least the number of training answers ({n_train}): every training answer "
+        "votes, so the kNN rows rank sources by summed similarity (a nearest-centroid rule)."
+    )
+
+
 def held_out_caption(metrics: dict[str, Any]) -> str:
     """How many held-out questions (and answers) the scores rest on."""
     value = metrics["scores"]["head_knn"]
@@ -526,7 +548,9 @@ def show_result(run: ValueMapRun) -> None:
     small = small_sample_warning(int(value["n_questions"]))
     if small:
         st.warning(small)
-    st.caption("; ".join(f"{k}: {v}" for k, v in run.settings.items()) + f" ({run.seconds:.0f} s)")
+    st.caption(
+        "; ".join(f"{k}: {v}" for k, v in run.settings.items()) + f"; took {run.seconds:.0f} s"
+    )
     st.plotly_chart(result.figure(), key="value_map")
     st.caption(
         "Each point is a source's mean answer embedding in the trained head's space; hover for "
@@ -540,6 +564,9 @@ def show_result(run: ValueMapRun) -> None:
         column_config={k: st.column_config.Column(k, help=v) for k, v in COLUMN_HELP.items()},
     )
     st.caption(held_out_caption(metrics))
+    note = knn_note(result)
+    if note:
+        st.caption(note)
     st.dataframe(difference_rows(metrics), hide_index=True, key="vm_differences")
     keys = list(result.scores)
     key = st.selectbox(
@@ -590,9 +617,12 @@ def render() -> None:
     request, run = request_ui(library)
     show_cancelled()
     if run:
-        cancel_button("value map", "valuemap")
+        cancel = st.empty()
+        with cancel:
+            cancel_button("value map", "valuemap")
         with shown_errors("The value map"):
             run_job(lm, state, library, request)
+        cancel.empty()  # the run is over: a click now would cancel nothing
     if state.valuemap is None:
         st.info("Choose the sources and questions, then press Generate and train.")
         return
