@@ -71,18 +71,23 @@ def _pick(
     if not cfg.do_sample:
         return logits.argmax(-1)
     probs = (logits.float() / cfg.temperature).softmax(-1)
+    idx: torch.Tensor | None = None
     if cfg.top_p < 1.0:
-        # the nucleus almost always lies in the top 512 tokens: find it there (exact), and sort the
-        # whole vocabulary only when some row's top 512 hold less than top_p
+        # the nucleus almost always lies in the top 512 tokens: find it there (exact) and draw among
+        # those candidates only; sort the whole vocabulary only when some row's top 512 hold less
+        # than top_p
         sorted_p, idx = probs.topk(min(512, probs.shape[-1]), dim=-1)
         if bool((sorted_p.sum(-1) < cfg.top_p).any()):
             sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = sorted_p * keep
     if rows is not None:  # one generator per row: a row's draws do not depend on its batch
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rows, strict=True)])
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        drawn = torch.cat(
+            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rows, strict=True)]
+        )
+    else:
+        drawn = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return drawn if idx is None else idx.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
 
 
 def generate_stream(

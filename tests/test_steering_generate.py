@@ -200,3 +200,27 @@ def test_cache_argument_name_follows_the_installed_transformers(tiny_lm):
     assert cache_from_kwargs({"cache": "A"}) == "A"
     assert cache_from_kwargs({"past_key_values": "B"}) == "B"
     assert cache_from_kwargs({"past_key_values": None}) is None
+
+
+def test_top_p_sampling_draws_from_the_nucleus_with_its_probabilities() -> None:
+    from steering.generate import _pick
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1000) * 3
+    cfg = GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)
+    p = (logits[0] / 0.7).softmax(-1)
+    sp, si = p.sort(descending=True)
+    keep = sp.cumsum(0) - sp < 0.9
+    ref = torch.zeros(1000)
+    ref[si[keep]] = sp[keep] / sp[keep].sum()
+    for rows in (None, [torch.Generator().manual_seed(1)]):
+        g = torch.Generator().manual_seed(0)
+        counts = torch.zeros(1000)
+        for _ in range(4000):
+            counts[_pick(logits, cfg, g, rows)] += 1
+        assert counts[ref == 0].sum() == 0  # never outside the nucleus
+        assert (counts / 4000 - ref).abs().max() < 0.02
+    # a flat distribution: the nucleus is wider than the top 512 tokens (the full-sort path)
+    flat = torch.zeros(1, 1000)
+    drawn = {int(_pick(flat, cfg, torch.Generator().manual_seed(i))) for i in range(300)}
+    assert max(drawn) > 512 or len(drawn) > 250

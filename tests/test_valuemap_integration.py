@@ -1,5 +1,5 @@
 """Value maps on the embedded model (issue 14), small enough for CI: three personas and a two-step
-happiness sweep answer 16 value and 8 control questions; the pipeline trains, identifies and maps;
+happiness sweep answer 16 ValueBench (short) and 8 control questions; the pipeline trains, identifies and maps;
 the command line reruns it from the answer cache."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def setup(embedded_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) ->
     result = run_valuemap(
         embedded_lm,
         sources,
-        question_set("values", n=16),
+        question_set("valuebench", n=16),
         question_set("control", n=8),
         trajectories=[traj],
         config=ValueMapConfig(k=10),
@@ -108,11 +108,11 @@ def test_saved_outputs_load_and_the_cache_serves_a_rerun(
     assert "steering sweep" in paths["map"].read_text()
     head = load_artifact(paths["artifact"])
     assert isinstance(head, ValueEmbedder)
-    assert head.info["questions"]["fingerprint"] == question_set("values", n=16).fingerprint
+    assert head.info["questions"]["fingerprint"] == question_set("valuebench", n=16).fingerprint
     again = collect_answers(
         embedded_lm,
         setup["sources"],
-        question_set("values", n=16),
+        question_set("valuebench", n=16),
         cache=setup["cache"],
         progress=False,
     )
@@ -129,6 +129,7 @@ def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -
             "--direction", str(tmp / "happy.safetensors"),
             "--coeffs=0.2,0.4",
             "--sweep-label", "happy",
+            "--questions", "valuebench",
             "--n-questions", "16",
             "--control", "8",
             "--tokens", "16",

@@ -78,8 +78,7 @@ HELP = {
     "seed": "Seeds the question sample, the answers' sampling, the train / validation / test split "
     "of the questions and the head's training.",
     "k": "kNN acc@1 scores a held-out answer by the votes of its k most similar training answers "
-    "(UniVaR uses 50). When k reaches the number of training answers every one of them votes, and "
-    "the vote is decided by summed similarity (a nearest-centroid rule).",
+    "(UniVaR uses 50). It is capped at the training answers per source, so small runs use fewer.",
     "map": "How the sources' mean embeddings are drawn in 2-D: PCA (the two directions of most "
     "variance; distances are meaningful) or t-SNE (neighbourhoods kept, distances not).",
     "run": "Generate every source's answers (kept in the answer cache: a rerun of the same setting, "
@@ -448,15 +447,15 @@ def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def knn_note(result: ValueMapResult) -> str | None:
-    """When k reaches the number of training answers: every one of them votes."""
-    train = set(result.splits.get("train", []))
-    n_train = sum(r.kind == "value" and r.qid in train for r in result.records)
-    k = int(result.info.get("config", {}).get("k", 0))
-    if not n_train or k < n_train:
+    """When the pipeline used fewer neighbours than asked (k is capped at the training answers per
+    source)."""
+    asked = int(result.info.get("pipeline", {}).get("k", 0))
+    used = (result.info.get("k_neighbours") or {}).get("value")
+    if not asked or used is None or used >= asked:
         return None
     return (
-        f"k = {k} is at least the number of training answers ({n_train}): every training answer "
-        "votes, so the kNN rows rank sources by summed similarity (a nearest-centroid rule)."
+        f"kNN used k = {used}, not {asked}: k is capped at the training answers per source "
+        "(beyond that every training answer would vote)."
     )
 
 

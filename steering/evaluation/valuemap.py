@@ -140,6 +140,7 @@ class ValueMapResult:
             "trajectories": self.trajectories,
             "map": {"method": self.map_info.get("method"), **self.map_info},
             "n_records": len(self.records),
+            "k_neighbours": self.info.get("k_neighbours"),
             "splits": {k: len(v) for k, v in self.splits.items()},
             "complete": self.complete,
         }
@@ -281,12 +282,16 @@ def run_valuemap(
 
     texts = [r.text() for r in records]
     s = cfg.seed
+    n_src = len(sources)
+    # k neighbours, at most the training answers per source: beyond that kNN turns into a vote of
+    # every training answer (UniVaR's k = 50 assumes far more answers per source)
+    k = min(cfg.k, max(1, len(tr) // n_src))
     scores = {
         "head_knn": identify_knn(
-            pick(hemb, tr), labels(tr), pick(hemb, te), labels(te), qs(te), cfg.k, "head_knn", s
+            pick(hemb, tr), labels(tr), pick(hemb, te), labels(te), qs(te), k, "head_knn", s
         ),
         "frozen_knn": identify_knn(
-            pick(emb, tr), labels(tr), pick(emb, te), labels(te), qs(te), cfg.k, "frozen_knn", s
+            pick(emb, tr), labels(tr), pick(emb, te), labels(te), qs(te), k, "frozen_knn", s
         ),
         "frozen_knn_answer": identify_knn(
             pick(ans, tr),
@@ -294,12 +299,12 @@ def run_valuemap(
             pick(ans, te),
             labels(te),
             qs(te),
-            cfg.k,
+            k,
             "frozen_knn_answer",
             s,
         ),
         "tfidf_knn": identify_tfidf(
-            [texts[i] for i in tr], labels(tr), [texts[i] for i in te], labels(te), qs(te), cfg.k, s
+            [texts[i] for i in tr], labels(tr), [texts[i] for i in te], labels(te), qs(te), k, s
         ),
         "head_linear": identify_linear(
             pick(hemb, tr), labels(tr), pick(hemb, te), labels(te), qs(te), "head_linear", s
@@ -320,17 +325,19 @@ def run_valuemap(
         ),
     }
     splits = {"train": sorted(train_q), "val": sorted(val_q), "test": sorted(test_q)}
+    neighbours = {"value": k}
     if ctrl:
         ctrl_q = sorted({qid[i] for i in ctrl})
         c_train, _, c_test = split_questions(ctrl_q, (0.5, 0.0, 0.5), s)
         ctr, cte = rows(c_train, ctrl), rows(c_test, ctrl)
+        kc = min(cfg.k, max(1, len(ctr) // n_src))
         scores["head_knn_control"] = identify_knn(
             pick(hemb, ctr),
             labels(ctr),
             pick(hemb, cte),
             labels(cte),
             qs(cte),
-            cfg.k,
+            kc,
             "head_knn_control",
             s,
         )
@@ -340,7 +347,7 @@ def run_valuemap(
             pick(emb, cte),
             labels(cte),
             qs(cte),
-            cfg.k,
+            kc,
             "frozen_knn_control",
             s,
         )
@@ -348,12 +355,14 @@ def run_valuemap(
             scores["head_knn"], scores["head_knn_control"], seed=s
         )
         splits["control_index"], splits["control_test"] = sorted(c_train), sorted(c_test)
+        neighbours["control"] = kc
     say("map")
     vsrc = labels(value)
     names, xy, info = project_sources(pick(hemb, value), vsrc, cfg.map_method, s)
     info["method"] = cfg.map_method
     traj = [trajectory_metrics(t, names, xy, pick(hemb, value), vsrc) for t in trajectories]
     meta = {
+        "k_neighbours": neighbours,
         "encoder": encoder.identity,
         "model": lm.identity.to_dict(),
         "questions": {
