@@ -165,7 +165,7 @@ def test_tiny_value_map_shows_map_confusion_and_metrics(scratch_answer_cache: Pa
     # 6 questions -> 1 held out (3 answers): the captions say so and warn
     captions = " ".join(c.value for c in at.caption)
     assert "rest on 1 held-out value question (3 answers, one per source)" in captions
-    assert "k = 50 is at least the number of training answers (12)" in captions  # 4 questions x 3
+    assert "kNN used k = 4, not 50" in captions  # 4 training questions: 4 answers per source
     assert any("Only 1 held-out question" in w.value for w in at.warning)
     assert "held-out question" in at.success[0].value
     assert len(at.get("download_button")) == 2
