@@ -55,7 +55,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.dim < 0 or self.hidden < 0:
-            raise ValueError(f"HeadConfig.dim and hidden must be >= 0; got {self.dim}, {self.hidden}")
+            raise ValueError(
+                f"HeadConfig.dim and hidden must be >= 0; got {self.dim}, {self.hidden}"
+            )
         for name in ("max_views", "batch_sources", "max_epochs", "steps_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HeadConfig.{name} must be >= 1; got {getattr(self, name)}")
