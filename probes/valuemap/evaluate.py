@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-Rows = Tensor | np.ndarray
+from probes.readers import Rows
 
 
 def split_questions(
@@ -251,7 +250,3 @@ def identify_tfidf(
     """The bag-of-words baseline: kNN over TF-IDF vectors."""
     train, test = tfidf_features(train_texts, test_texts)
     return identify_knn(train, train_src, test, test_src, test_qids, k, "tfidf_knn", seed)
-
-
-def as_tensor(x: Rows) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.as_tensor(x)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 METHODS = ("pca", "tsne")
@@ -120,10 +119,9 @@ def confusion_figure(labels: Sequence[str], confusion: Sequence[Sequence[int]], 
     """Rows: the true source; columns: the identified one (counts)."""
     import plotly.graph_objects as go
 
-    z = torch.tensor(confusion, dtype=torch.float32)
     fig = go.Figure(
         go.Heatmap(
-            z=z.tolist(),
+            z=[list(row) for row in confusion],
             x=list(labels),
             y=list(labels),
             colorscale="Blues",
