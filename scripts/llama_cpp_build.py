@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 VERSION = "0.3.36"
+# SHA-256 of the pinned sdist as PyPI serves it: checked after every download (change with VERSION)
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 # Parts of llama-cpp-python / llama.cpp the project never uses (the multimodal library, tools, tests,
 # examples, the server): off, to cut the build time.
@@ -164,7 +166,9 @@ SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 
 def sdist(folder: str | Path) -> Path:
     """The pinned llama-cpp-python sdist in ``folder``, downloaded once through pip (from the package
-    index, whose hashes pip checks)."""
+    index, whose hashes pip checks). ``--no-binary`` names only this package: ``:all:`` would also make
+    pip build the sdist's build requirements (scikit-build-core and its dependencies) from source just to
+    read its metadata, which took minutes on a fresh machine."""
     folder = Path(folder)
     target = folder / SDIST
     if target.is_file():
@@ -173,10 +177,20 @@ def sdist(folder: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q"]
-            + ["--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={VERSION}", "-d", tmp],
+            + [
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                f"llama-cpp-python=={VERSION}",
+                "-d",
+                tmp,
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        got = hashlib.sha256((Path(tmp) / SDIST).read_bytes()).hexdigest()
+        if got != SDIST_SHA256:
+            raise SystemExit(f"{SDIST}: SHA-256 {got} is not the pinned {SDIST_SHA256}")
         os.replace(Path(tmp) / SDIST, target)
     return target
 

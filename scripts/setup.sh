@@ -33,7 +33,7 @@ mkdir -p "$WHEELS"
 if [ "$(cat "$MARKER" 2>/dev/null)" != "$LLAMA_KEY" ] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $LLAMA_CPP_VERSION from source (once, about 4 minutes): $LLAMA_FLAGS"
-    SDIST="$($LLAMA sdist "$BUILDS")"  # the pinned sdist, downloaded once and checked (SHA-256)
+    SDIST="$($LLAMA sdist "$BUILDS")"  # the pinned sdist, downloaded once (its SHA-256 checked against the pin)
     CMAKE_ARGS="$LLAMA_FLAGS" FORCE_CMAKE=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "${PIP[@]}" wheel --no-cache-dir --no-deps "$SDIST" -w "$WHEELS"
   fi

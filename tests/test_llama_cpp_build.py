@@ -180,3 +180,34 @@ def test_crash_check_passes_on_the_installed_build(capsys):
     """The real child: the embedded GGUF model, a ~100-token prompt in one batch, 4 generated tokens."""
     assert build.check(None) == 0
     assert "llama.cpp ok" in capsys.readouterr().out
+
+
+def test_sdist_download_is_pinned_and_names_only_llama_cpp_python(tmp_path, monkeypatch):
+    """The sdist comes through ``pip download --no-binary llama-cpp-python`` (``:all:`` made pip build
+    the build requirements from source too: minutes on a fresh machine) and must match the pinned
+    SHA-256; a mismatch is one line and leaves nothing in the folder."""
+    calls: list[list[str]] = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / build.SDIST).write_bytes(b"not the pinned sdist")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(build.subprocess, "run", fake_pip)
+    with pytest.raises(SystemExit, match="SHA-256 .* is not the pinned"):
+        build.sdist(tmp_path)
+    (cmd,) = calls
+    assert cmd[cmd.index("--no-binary") + 1] == "llama-cpp-python"
+    assert ":all:" not in cmd
+    assert list(tmp_path.iterdir()) == []
+    # a file with the pinned digest is accepted and kept
+    good = b"pinned"
+    monkeypatch.setattr(build, "SDIST_SHA256", __import__("hashlib").sha256(good).hexdigest())
+
+    def good_pip(cmd, **kwargs):
+        (Path(cmd[cmd.index("-d") + 1]) / build.SDIST).write_bytes(good)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(build.subprocess, "run", good_pip)
+    assert build.sdist(tmp_path).read_bytes() == good
