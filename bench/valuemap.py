@@ -88,17 +88,19 @@ def main() -> None:
         sources = persona_sources(list(PERSONAS)[:n_personas], sampling)
         trajectories = []
         if args.sources > n_personas:
+            probe_dir = tempfile.TemporaryDirectory(prefix="bench-valuemap-")  # removed at exit
             rep = run_probe(
                 lm,
                 "emotions/happiness",
                 readers=["mean_diff"],
                 sites=["blocks.12.hook_resid_post"],
                 max_pairs=64,
-                out_dir=tempfile.mkdtemp(prefix="bench-valuemap-"),
+                out_dir=probe_dir.name,
                 figure=False,
                 progress=False,
             )
             spec = SteeringSpec(calibrate(lm, rep.direction), 0.0, scale="relative")
+            probe_dir.cleanup()
             coeffs = [0.15 * (i + 1) for i in range(args.sources - n_personas)]
             swept, traj = sweep_sources(spec, coeffs, label="happy", sampling=sampling)
             sources += swept
