@@ -382,7 +382,11 @@ def cmd_valuemap(args: argparse.Namespace) -> int:
         sources += swept
         trajectories.append(traj)
     config = ValueMapConfig(
-        k=args.k, seed=args.seed, map_method=args.map, batch_size=args.batch_size
+        k=args.k,
+        seed=args.seed,
+        map_method=args.map,
+        batch_size=args.batch_size,
+        head_layers=args.head_layers,
     )
     result = run_valuemap(
         lm,
@@ -671,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=_positive_int, default=50, help="neighbours for kNN identification")
     p.add_argument("--map", default="pca", choices=["pca", "tsne"])
+    p.add_argument(
+        "--head-layers",
+        default="last",
+        choices=["last", "all"],
+        help="encoder layers the value head reads: the sentence embedding, or every layer joined",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--cache", default=None, help="answer cache folder (default: the repe cache)")
     p.add_argument("--out", default="valuemap_out", help="folder for the map, metrics and head")

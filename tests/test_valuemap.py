@@ -226,6 +226,33 @@ def test_the_head_artifact_round_trips_and_refuses_another_encoder(tmp_path) -> 
         ValueError, match="reserved"
     ):  # a pipeline's own "config" must not shadow the head's
         ValueEmbedder(head, {"config": {"batch_size": 64}})
+    # a head saved before the encoder's "layers" option read the last layer
+    loaded.check_encoder({**enc, "layers": "last"})
+    with pytest.raises(ArtifactMismatchError, match="layers"):
+        loaded.check_encoder({**enc, "layers": "all"})
+
+
+def test_the_all_layers_encoder_joins_every_layer_and_shares_the_model() -> None:
+    """``layers="all"``: each layer mean-pooled and normalised, joined, normalised again; the last
+    block of the joined vector is the usual sentence embedding (scaled by 1/sqrt(layers)). It shares
+    the model (no second copy) and says what it reads in its identity."""
+    from probes.valuemap.encoder import SentenceEncoder
+
+    last = SentenceEncoder()
+    every = last.with_layers("all")
+    n, width = last.model.config.num_hidden_layers, last.dim
+    assert every.model is last.model and last.with_layers("last") is last
+    assert every.identity["layers"] == "all" and every.dim == n * width
+    assert last.identity["layers"] == "last"
+    texts = ["I would tell the truth.", "Happiness is a warm day.", "No."]
+    a, b = last.embed(texts), every.embed(texts)
+    assert b.shape == (3, n * width)
+    assert torch.allclose(b.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(b[:, -width:] * math.sqrt(n), a, atol=1e-5)
+    # the first layer's block is not the last one's: the joined vector holds more than the last layer
+    assert not torch.allclose(b[:, :width], b[:, -width:], atol=1e-2)
+    with pytest.raises(ValueError, match="layers"):
+        last.with_layers("middle")
 
 
 def test_records_file_survives_an_interrupted_append_and_names_a_bad_line(tmp_path) -> None:

@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pytest
 
+from probes.valuemap.encoder import SentenceEncoder
 from probes.valuemap.head import ValueEmbedder
 from repe.artifacts import load_artifact
 from repe.calibration import calibrate
 from repe.cli import main as cli_main
 from repe.datasets import question_set
+from repe.errors import ArtifactMismatchError
 from repe.models import LoadedModel
 from steering.evaluation.answers import AnswerCache, collect_answers
 from steering.evaluation.valuemap import (
@@ -151,3 +153,26 @@ def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -
         assert (tmp / "cli" / name).is_file()
     assert cli_main(["valuemap", "--personas", "assistant,nobody"]) == 2
     assert "unknown personas" in capsys.readouterr().err
+    # the head on every encoder layer: same cached answers, its artifact says what it reads, and the
+    # frozen features it reads are scored without it beside the other baselines
+    code = cli_main(
+        [
+            "valuemap",
+            "--personas", ",".join(PERSONAS),
+            "--questions", "valuebench",
+            "--n-questions", "16",
+            "--control", "0",
+            "--tokens", "16",
+            "--k", "10",
+            "--head-layers", "all",
+            "--cache", str(tmp / "cache"),
+            "--out", str(tmp / "cli_all"),
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    head = load_artifact(tmp / "cli_all" / "value_head.safetensors")
+    assert head.info["encoder"]["layers"] == "all" and head.head.d_in == 6 * 384
+    metrics = json.loads((tmp / "cli_all" / "metrics.json").read_text())
+    assert "frozen_knn_head_input" in metrics["scores"]
+    with pytest.raises(ArtifactMismatchError, match="layers"):
+        head.check_encoder(SentenceEncoder().identity)

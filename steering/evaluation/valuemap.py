@@ -111,10 +111,16 @@ class ValueMapConfig:
     head_input: str = (
         "answer"  # what the head reads: "answer" (the answer text) or "qa" (Q: ... A: ...)
     )
+    # the encoder layers the head reads: "last" (the sentence embedding the frozen baselines use) or
+    # "all" (every layer, pooled and joined: 6x wider, a 21 MB head; on the embedded model's 8 x 160
+    # answers it identified sources as well as "last", 0.301 vs 0.301, so it is not the default)
+    head_layers: str = "last"
 
     def __post_init__(self) -> None:
         if self.head_input not in ("answer", "qa"):
             raise ValueError(f"head_input must be 'answer' or 'qa'; got {self.head_input!r}")
+        if self.head_layers not in ("all", "last"):
+            raise ValueError(f"head_layers must be 'all' or 'last'; got {self.head_layers!r}")
 
 
 @dataclass
@@ -197,6 +203,11 @@ def trajectory_metrics(
     return out
 
 
+def texts_of(records: Sequence[QARecord], head_input: str) -> list[str]:
+    """What the head reads of each record: the answer alone, or ``Q: ... A: ...``."""
+    return [r.text() if head_input == "qa" else r.answer for r in records]
+
+
 def run_valuemap(
     lm: LoadedModel,
     sources: Sequence[Source],
@@ -256,14 +267,17 @@ def run_valuemap(
     # question's text says nothing about who answered (the frozen baselines read Q: ... A: ... as in
     # UniVaR's evaluation, and the frozen encoder on answers alone is reported beside them)
     ans = emb if cfg.head_input == "qa" else encoder.embed([r.answer for r in records])
+    head_encoder = encoder.with_layers(cfg.head_layers)
+    head_texts = texts_of(records, cfg.head_input)
+    feats = ans if head_encoder is encoder else head_encoder.embed(head_texts, progress=progress)
     value = [i for i, r in enumerate(records) if r.kind == "value"]
     ctrl = [i for i, r in enumerate(records) if r.kind == "control"]
     train_q, val_q, test_q = split_questions([records[i].qid for i in value], cfg.split, cfg.seed)
     say("train")
     src = [r.source for r in records]
     qid = [r.qid for r in records]
-    head = train_head(ans, src, qid, train_q, val_q, cfg.head, progress=progress)
-    hemb = head.embed(ans)
+    head = train_head(feats, src, qid, train_q, val_q, cfg.head, progress=progress)
+    hemb = head.embed(feats)
     say("evaluate")
 
     def rows(keep: set[str], among: list[int]) -> list[int]:
@@ -303,6 +317,23 @@ def run_valuemap(
             "frozen_knn_answer",
             s,
         ),
+        # the frozen features the head reads, without the head (when they are not the above)
+        **(
+            {
+                "frozen_knn_head_input": identify_knn(
+                    pick(feats, tr),
+                    labels(tr),
+                    pick(feats, te),
+                    labels(te),
+                    qs(te),
+                    k,
+                    "frozen_knn_head_input",
+                    s,
+                )
+            }
+            if feats is not ans and feats is not emb
+            else {}
+        ),
         "tfidf_knn": identify_tfidf(
             [texts[i] for i in tr], labels(tr), [texts[i] for i in te], labels(te), qs(te), k, s
         ),
@@ -324,6 +355,10 @@ def run_valuemap(
             scores["head_knn"], scores["tfidf_knn"], seed=s
         ),
     }
+    if "frozen_knn_head_input" in scores:
+        differences["head_knn - frozen_knn_head_input"] = bootstrap_difference(
+            scores["head_knn"], scores["frozen_knn_head_input"], seed=s
+        )
     splits = {"train": sorted(train_q), "val": sorted(val_q), "test": sorted(test_q)}
     neighbours = {"value": k}
     if ctrl:
@@ -363,7 +398,7 @@ def run_valuemap(
     traj = [trajectory_metrics(t, names, xy, pick(hemb, value), vsrc) for t in trajectories]
     meta = {
         "k_neighbours": neighbours,
-        "encoder": encoder.identity,
+        "encoder": head_encoder.identity,  # what the head reads (check_encoder compares it)
         "model": lm.identity.to_dict(),
         "questions": {
             "name": questions.name,
