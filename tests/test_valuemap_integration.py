@@ -124,6 +124,9 @@ def test_saved_outputs_load_and_the_cache_serves_a_rerun(
 
 def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -> None:
     tmp = setup["tmp"]
+    # the question set, length, neighbours and answer cache both runs share
+    small = ["--questions", "valuebench", "--n-questions", "16", "--tokens", "16", "--k", "10"]
+    small += ["--cache", str(tmp / "cache")]
     code = cli_main(
         [
             "valuemap",
@@ -131,12 +134,8 @@ def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -
             "--direction", str(tmp / "happy.safetensors"),
             "--coeffs=0.2,0.4",
             "--sweep-label", "happy",
-            "--questions", "valuebench",
-            "--n-questions", "16",
+            *small,
             "--control", "8",
-            "--tokens", "16",
-            "--k", "10",
-            "--cache", str(tmp / "cache"),
             "--out", str(tmp / "cli"),
         ]
     )  # fmt: skip
@@ -159,13 +158,9 @@ def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -
         [
             "valuemap",
             "--personas", ",".join(PERSONAS),
-            "--questions", "valuebench",
-            "--n-questions", "16",
+            *small,
             "--control", "0",
-            "--tokens", "16",
-            "--k", "10",
             "--head-layers", "all",
-            "--cache", str(tmp / "cache"),
             "--out", str(tmp / "cli_all"),
         ]
     )  # fmt: skip

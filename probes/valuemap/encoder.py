@@ -64,10 +64,9 @@ class SentenceEncoder:
         self.max_length = max_length
         self.device = torch.device(device)
         self.layers = layers
-        width = int(model.config.hidden_size)
         self.identity: dict[str, Any] = {
             "name": name,
-            "dim": width * (int(model.config.num_hidden_layers) if layers == "all" else 1),
+            "dim": _width(model, layers),
             "weights_hash": digest,
             "pooling": "mean",
             "normalised": True,
@@ -82,9 +81,7 @@ class SentenceEncoder:
             return self
         other = copy.copy(self)
         other.layers = layers
-        width = int(self.model.config.hidden_size)
-        n = int(self.model.config.num_hidden_layers) if layers == "all" else 1
-        other.identity = {**self.identity, "layers": layers, "dim": width * n}
+        other.identity = {**self.identity, "layers": layers, "dim": _width(self.model, layers)}
         return other
 
     @property
@@ -126,6 +123,12 @@ class SentenceEncoder:
                 out[idx] = torch.nn.functional.normalize(joined, dim=-1).cpu()
                 bar.update(len(idx))
         return out
+
+
+def _width(model: Any, layers: str) -> int:
+    """Embedding size: the hidden size, times the number of layers when every layer is joined."""
+    n = int(model.config.num_hidden_layers) if layers == "all" else 1
+    return int(model.config.hidden_size) * n
 
 
 def _check_layers(layers: str) -> None:

@@ -203,11 +203,6 @@ def trajectory_metrics(
     return out
 
 
-def texts_of(records: Sequence[QARecord], head_input: str) -> list[str]:
-    """What the head reads of each record: the answer alone, or ``Q: ... A: ...``."""
-    return [r.text() if head_input == "qa" else r.answer for r in records]
-
-
 def run_valuemap(
     lm: LoadedModel,
     sources: Sequence[Source],
@@ -268,8 +263,10 @@ def run_valuemap(
     # UniVaR's evaluation, and the frozen encoder on answers alone is reported beside them)
     ans = emb if cfg.head_input == "qa" else encoder.embed([r.answer for r in records])
     head_encoder = encoder.with_layers(cfg.head_layers)
-    head_texts = texts_of(records, cfg.head_input)
-    feats = ans if head_encoder is encoder else head_encoder.embed(head_texts, progress=progress)
+    feats = ans  # what the head reads: ``ans`` re-embedded by the head's encoder when it differs
+    if head_encoder is not encoder:
+        read = [r.text() if cfg.head_input == "qa" else r.answer for r in records]
+        feats = head_encoder.embed(read, progress=progress)
     value = [i for i, r in enumerate(records) if r.kind == "value"]
     ctrl = [i for i, r in enumerate(records) if r.kind == "control"]
     train_q, val_q, test_q = split_questions([records[i].qid for i in value], cfg.split, cfg.seed)
@@ -317,23 +314,6 @@ def run_valuemap(
             "frozen_knn_answer",
             s,
         ),
-        # the frozen features the head reads, without the head (when they are not the above)
-        **(
-            {
-                "frozen_knn_head_input": identify_knn(
-                    pick(feats, tr),
-                    labels(tr),
-                    pick(feats, te),
-                    labels(te),
-                    qs(te),
-                    k,
-                    "frozen_knn_head_input",
-                    s,
-                )
-            }
-            if feats is not ans and feats is not emb
-            else {}
-        ),
         "tfidf_knn": identify_tfidf(
             [texts[i] for i in tr], labels(tr), [texts[i] for i in te], labels(te), qs(te), k, s
         ),
@@ -355,7 +335,11 @@ def run_valuemap(
             scores["head_knn"], scores["tfidf_knn"], seed=s
         ),
     }
-    if "frozen_knn_head_input" in scores:
+    if head_encoder is not encoder:  # the frozen features the head reads, without the head
+        scores["frozen_knn_head_input"] = identify_knn(
+            pick(feats, tr), labels(tr), pick(feats, te), labels(te), qs(te), k,
+            "frozen_knn_head_input", s,
+        )  # fmt: skip
         differences["head_knn - frozen_knn_head_input"] = bootstrap_difference(
             scores["head_knn"], scores["frozen_knn_head_input"], seed=s
         )
