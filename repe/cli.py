@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", default="pca", choices=["pca", "tsne"])
     p.add_argument(
         "--head-layers",
-        default="last",
+        default="all",
         choices=["last", "all"],
         help="encoder layers the value head reads: the sentence embedding, or every layer joined",
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -230,6 +231,44 @@ def test_the_head_artifact_round_trips_and_refuses_another_encoder(tmp_path) -> 
     loaded.check_encoder({**enc, "layers": "last"})
     with pytest.raises(ArtifactMismatchError, match="layers"):
         loaded.check_encoder({**enc, "layers": "all"})
+
+
+def test_an_ensemble_head_joins_members_trained_alone_and_round_trips(tmp_path) -> None:
+    """``ensemble=3``: member i is exactly the head trained alone with seed ``seed + i`` (its block of
+    the joined output, times sqrt(3)); the output is a unit vector ``3 * dim`` wide; the artifact
+    round-trips; a single head keeps the old tensor names (artifacts saved before the option load)."""
+    emb, sources, qids = planted(n_questions=20)
+    train_q, val_q = {f"q{i}" for i in range(12)}, {f"q{i}" for i in range(12, 16)}
+    base = HeadConfig(dim=16, max_epochs=4, patience=4, seed=3)
+    joined = train_head(emb, sources, qids, train_q, val_q, replace(base, ensemble=3))
+    out = joined.embed(emb)
+    assert out.shape == (len(emb), 48) and joined.d_out == 48
+    assert torch.allclose(out.norm(dim=-1), torch.ones(len(emb)), atol=1e-5)
+    for i in range(3):
+        alone = train_head(emb, sources, qids, train_q, val_q, replace(base, seed=3 + i))
+        assert torch.allclose(
+            out[:, 16 * i : 16 * (i + 1)] * math.sqrt(3), alone.embed(emb), atol=1e-6
+        )
+    assert {row["member"] for row in joined.history} == {0.0, 1.0, 2.0}
+    single = train_head(emb, sources, qids, train_q, val_q, base)
+    assert not any(k.startswith("more.") for k in single.state_dict())
+    path = save_artifact(ValueEmbedder(joined, {"encoder": {"name": "x"}}), tmp_path / "ens")
+    loaded = load_artifact(path)
+    assert isinstance(loaded, ValueEmbedder)
+    assert torch.equal(loaded.head.embed(emb), out)
+    with pytest.raises(ValueError, match="ensemble"):
+        HeadConfig(ensemble=0)
+    # no d_in x d_in identity is stored without whitening; an artifact saved with one still loads
+    assert single.state_dict()["whitener"].numel() == 0
+    wrapped = ValueEmbedder(single)
+    old = {**wrapped.tensors(), "whitener": torch.eye(emb.shape[1])}
+    meta = {**wrapped.metadata(), "kind": "value_head", "format_version": 1}
+    assert torch.equal(ValueEmbedder.from_parts(old, meta).head.embed(emb), single.embed(emb))
+    # with whitening the fitted whitener is kept and used
+    white = train_head(emb, sources, qids, train_q, val_q, replace(base, whiten=0.1))
+    assert white.state_dict()["whitener"].shape == (48, 48)
+    path = save_artifact(ValueEmbedder(white), tmp_path / "white")
+    assert torch.equal(load_artifact(path).head.embed(emb), white.embed(emb))
 
 
 def test_the_all_layers_encoder_joins_every_layer_and_shares_the_model() -> None:

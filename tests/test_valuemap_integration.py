@@ -152,22 +152,32 @@ def test_the_command_line_writes_the_map_metrics_and_head(setup: dict, capsys) -
         assert (tmp / "cli" / name).is_file()
     assert cli_main(["valuemap", "--personas", "assistant,nobody"]) == 2
     assert "unknown personas" in capsys.readouterr().err
-    # the head on every encoder layer: same cached answers, its artifact says what it reads, and the
+    # the default head reads every encoder layer (an ensemble of 5), its artifact says so, and the
     # frozen features it reads are scored without it beside the other baselines
+    head = load_artifact(tmp / "cli" / "value_head.safetensors")
+    assert head.info["encoder"]["layers"] == "all" and head.head.d_in == 6 * 384
+    assert head.head.config.ensemble == 5 and head.head.d_out == 5 * 384
+    assert (
+        "frozen_knn_head_input" in json.loads((tmp / "cli" / "metrics.json").read_text())["scores"]
+    )
+    with pytest.raises(ArtifactMismatchError, match="layers"):
+        head.check_encoder(SentenceEncoder().identity)
+    # the head on the sentence embedding alone: same cached answers
     code = cli_main(
         [
             "valuemap",
             "--personas", ",".join(PERSONAS),
             *small,
             "--control", "0",
-            "--head-layers", "all",
-            "--out", str(tmp / "cli_all"),
+            "--head-layers", "last",
+            "--out", str(tmp / "cli_last"),
         ]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().out
-    head = load_artifact(tmp / "cli_all" / "value_head.safetensors")
-    assert head.info["encoder"]["layers"] == "all" and head.head.d_in == 6 * 384
-    metrics = json.loads((tmp / "cli_all" / "metrics.json").read_text())
-    assert "frozen_knn_head_input" in metrics["scores"]
-    with pytest.raises(ArtifactMismatchError, match="layers"):
-        head.check_encoder(SentenceEncoder().identity)
+    head = load_artifact(tmp / "cli_last" / "value_head.safetensors")
+    assert head.info["encoder"]["layers"] == "last" and head.head.d_in == 384
+    assert (
+        "frozen_knn_head_input"
+        not in json.loads((tmp / "cli_last" / "metrics.json").read_text())["scores"]
+    )
+    head.check_encoder(SentenceEncoder().identity)
