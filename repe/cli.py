@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["last", "all"],
         help="encoder layers the value head reads: the sentence embedding, or every layer joined",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--cache", default=None, help="answer cache folder (default: the repe cache)")
     p.add_argument("--out", default="valuemap_out", help="folder for the map, metrics and head")
     p.set_defaults(func=cmd_valuemap)

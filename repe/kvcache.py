@@ -53,3 +53,27 @@ def crop_cache(cache: Any, length: int) -> None:
     extra = int(cache.get_seq_length()) - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def dynamic_layers(cache: Any) -> list[Any] | None:
+    """The per-layer ``(keys, values)`` holders of a plain full-attention ``DynamicCache`` (tensors
+    ``[B, heads, T, head_dim]``), or None for any other cache (sliding windows, quantised, an older
+    transformers): code that edits caches by hand uses this to fall back to the ordinary path."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - transformers < 4.56
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return list(layers)
+
+
+def cache_from_tensors(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` holding ``kv[i] = (keys, values)`` for layer ``i``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from repe.batching import Inputs, encode, make_batch
+from repe.batching import Encoded, Inputs, encode, make_batch
 from repe.chat import messages
-from repe.kvcache import cache_kwargs
+from repe.kvcache import cache_from_tensors, cache_kwargs, dynamic_layers
 from repe.models import LoadedModel
-from steering.hooks import steer
+from steering.hooks import needs_sequence, steer
+from steering.intervention import as_resolved
 from steering.spec import SteeringSpec
 
 Prompts = Sequence[str] | Sequence[list[dict[str, str]]]
@@ -90,6 +91,128 @@ def _pick(
     return drawn if idx is None else idx.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
 
 
+#: tokens per call when a batch's prompts are run in length buckets (``prefill_split``)
+PREFILL_TOKENS = 2048
+
+
+def _splittable(lm: LoadedModel, spec: Any) -> bool:
+    """Whether the prompts may run in several calls (a shared prefix, then length buckets): true when
+    every hook acts token by token, i.e. the intervention needs no declared sequence (a condition reads
+    the whole prompt; prompt/generated/assistant positions count the sequence's tokens)."""
+    return spec is None or not needs_sequence(as_resolved(lm, spec))
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    p = 0
+    while p < n and all(r[p] == first[p] for r in rows):
+        p += 1
+    return p
+
+
+def prefill_split(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    device: torch.device | str,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill a batch of prompts without paying for the tokens they share or for most padding.
+
+    The tokens every row starts with (a chat template and system prompt) run once, as a batch of one;
+    each row's own tokens run after that prefix in buckets of similar length (about ``max_tokens``
+    tokens per call; default ``PREFILL_TOKENS``), and the buckets' KV caches are joined into one batch whose rows read
+    ``[shared prefix][padding][own tokens]``: a row's attention mask hides the padding and its position
+    ids count its real tokens, so every row computes what it computes alone. ``run(ids, mask, pos,
+    cache)`` is one forward call returning the last column's logits. Returns the ``[B, V]`` logits,
+    the cache, the ``[B, T]`` attention mask and the ``[B, 1]`` position of each row's last token.
+    Falls back to one left-padded call when the model's cache is not a plain ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    max_tokens = max_tokens or PREFILL_TOKENS
+    b = len(rows)
+    p = _common_prefix(rows)
+    prefix: Any = None
+    if p:
+        ids = torch.tensor([list(rows[0][:p])], device=device)
+        prefix = DynamicCache()
+        run(ids, torch.ones_like(ids), torch.arange(p, device=device)[None], prefix)
+    order = sorted(range(b), key=lambda i: -len(rows[i]))
+    s_max = len(rows[order[0]]) - p
+    keys: list[list[torch.Tensor]] = []
+    values: list[list[torch.Tensor]] = []
+    logits, masks = [], []
+    start = 0
+    while start < b:
+        width = len(rows[order[start]]) - p  # the bucket's longest row: rows are longest first
+        group = order[start : start + max(1, max_tokens // width)]
+        start += len(group)
+        sb = make_batch([Encoded(list(rows[i][p:]), None) for i in group], pad_id, "left")
+        n, gap = len(group), s_max - sb.input_ids.shape[1]
+        cache: Any = DynamicCache()
+        if prefix is not None:
+            layers = dynamic_layers(prefix)
+            if layers is None:
+                return _prefill_plain(rows, pad_id, run, device)
+            for li, layer in enumerate(layers):
+                cache.update(
+                    layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), li
+                )
+        own = sb.attention_mask.to(device)
+        head = torch.ones((n, p), dtype=own.dtype, device=device)
+        logits.append(
+            run(
+                sb.input_ids.to(device),
+                torch.cat([head, own], -1),
+                sb.position_ids.to(device) + p,
+                cache,
+            )
+        )
+        layers = dynamic_layers(cache)
+        if layers is None:
+            return _prefill_plain(rows, pad_id, run, device)
+        for li, layer in enumerate(layers):
+            if li == len(keys):
+                keys.append([])
+                values.append([])
+            for store, t in ((keys[li], layer.keys), (values[li], layer.values)):
+                hole = t.new_zeros((*t.shape[:2], gap, t.shape[3]))
+                store.append(torch.cat([t[:, :, :p], hole, t[:, :, p:]], dim=-2))
+        masks.append(torch.cat([head, own.new_zeros((n, gap)), own], -1))
+    back = torch.empty(b, dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(b)
+    back = back.to(device)
+    cache = cache_from_tensors(
+        [
+            (torch.cat(k).index_select(0, back), torch.cat(v).index_select(0, back))
+            for k, v in zip(keys, values, strict=True)
+        ]
+    )
+    last = torch.tensor([[len(r) - 1] for r in rows], device=device)
+    return (
+        torch.cat(logits).index_select(0, back),
+        cache,
+        torch.cat(masks).index_select(0, back),
+        last,
+    )
+
+
+def _prefill_plain(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    device: torch.device | str,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    from transformers import DynamicCache
+
+    batch = make_batch([Encoded(list(r), None) for r in rows], pad_id, "left")
+    cache = DynamicCache()
+    mask = batch.attention_mask.to(device)
+    pos = batch.position_ids.to(device)
+    return run(batch.input_ids.to(device), mask, pos, cache), cache, mask, pos[:, -1:]
+
+
 def generate_stream(
     lm: LoadedModel,
     prompts: Prompts,
@@ -127,9 +250,10 @@ def generate_stream(
     # a baseline forward pass, another thread's work).
     scope = contextvars.copy_context()
     hooks = contextlib.ExitStack()
-    cache: Any = DynamicCache()
 
-    def step(step_ids: torch.Tensor, mask: torch.Tensor, step_pos: torch.Tensor) -> torch.Tensor:
+    def run(
+        step_ids: torch.Tensor, mask: torch.Tensor, step_pos: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
         with torch.inference_mode():
             return lm.model(
                 input_ids=step_ids,
@@ -143,9 +267,15 @@ def generate_stream(
         if spec is not None:
             state = scope.run(hooks.enter_context, steer(lm, spec))
             scope.run(state.begin_batch, batch)
-        step_ids, step_pos = ids, pos
+        if len(enc) > 1 and _splittable(lm, spec):
+            logits, cache, mask, step_pos = scope.run(
+                prefill_split, [e.ids for e in enc], lm.tokenizer.pad_token_id, run, dev
+            )
+        else:
+            cache = DynamicCache()
+            logits = scope.run(run, ids, mask, pos, cache)
+            step_pos = pos[:, -1:]
         for i in range(cfg.max_new_tokens):
-            logits = scope.run(step, step_ids, mask, step_pos)
             nxt = _pick(logits, cfg, gen, rows)
             toks = nxt.tolist()
             for b, t in enumerate(toks):
@@ -155,11 +285,11 @@ def generate_stream(
                         finished[b] = True
             texts = [lm.tokenizer.decode(o, skip_special_tokens=True) for o in out_ids]
             yield Step(i, toks, texts, list(finished), logits)
-            if all(finished):
+            if all(finished) or i + 1 == cfg.max_new_tokens:
                 break
-            step_ids = nxt.unsqueeze(-1)
-            step_pos = step_pos[:, -1:] + 1
+            step_pos = step_pos + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            logits = scope.run(run, nxt.unsqueeze(-1), mask, step_pos, cache)
     finally:
         scope.run(hooks.close)
 

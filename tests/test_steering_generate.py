@@ -224,3 +224,105 @@ def test_top_p_sampling_draws_from_the_nucleus_with_its_probabilities() -> None:
     flat = torch.zeros(1, 1000)
     drawn = {int(_pick(flat, cfg, torch.Generator().manual_seed(i))) for i in range(300)}
     assert max(drawn) > 512 or len(drawn) > 250
+
+
+SYSTEM = "You are a careful assistant who answers every question in plain words."
+QUESTIONS = [
+    "Why?",
+    "Is it ever right to break a promise to a friend?",
+    "What matters most in life?",
+    "Should people always obey the law, even a law they think is unjust and harmful to others?",
+    "Money or time?",
+    "How should we treat strangers?",
+    "Is tradition worth keeping when it no longer makes sense to the young?",
+    "Hi",
+    "What do you owe your parents?",
+]
+
+
+def _prefill_calls(lm, prompts, spec, cfg, split, monkeypatch, seeds=None):
+    """Every step of a generation, and the (batch, width) of each model call before the first step."""
+    import steering.generate as G
+
+    if not split:
+        monkeypatch.setattr(G, "_splittable", lambda lm, spec: False)
+    calls = []
+    handle = lm.model.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        stream = generate_stream(lm, prompts, spec, cfg, seeds=seeds)
+        first = next(stream)
+        prefill = list(calls)
+        steps = [first, *stream]
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    return steps, prefill
+
+
+@pytest.mark.parametrize("positions", [None, "all", (1, 3, 30)])
+def test_split_prefill_computes_what_one_padded_batch_computes(tiny_lm, positions, monkeypatch):
+    """A batch's shared prefix (template + system prompt) runs once and its own tokens run in length
+    buckets; every step's logits and every sampled token equal those of one left-padded call, unsteered
+    and under steering that acts token by token (every position, or given token indices that fall in
+    the prefix and in a row's own tokens)."""
+    import steering.generate as G
+    from repe.chat import messages
+
+    prompts = [messages(q, system=SYSTEM) for q in QUESTIONS]
+    spec = None if positions is None else SteeringSpec(direction(tiny_lm), 3.0, positions=positions)
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, stop_at_eos=False)
+    seeds = list(range(10, 10 + len(prompts)))
+    monkeypatch.setattr(G, "PREFILL_TOKENS", 40)
+    split, calls = _prefill_calls(tiny_lm, prompts, spec, cfg, True, monkeypatch, seeds)
+    plain, plain_calls = _prefill_calls(tiny_lm, prompts, spec, cfg, False, monkeypatch, seeds)
+    rows = [e.ids for e in encode(tiny_lm.tokenizer, prompts)]
+    shared = G._common_prefix(rows)
+    assert shared > 20 and calls[0] == (1, shared)  # the template and system prompt, once
+    assert len(calls) > 3 and sum(b for b, _ in calls[1:]) == len(prompts)  # several buckets
+    assert sum(b * t for b, t in calls) < 0.6 * sum(b * t for b, t in plain_calls)
+    assert plain_calls == [(len(prompts), max(map(len, rows)))]
+    assert len(split) == len(plain) == 6
+    for a, b in zip(split, plain, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+        assert a.token_ids == b.token_ids
+    assert split[-1].texts == plain[-1].texts
+    if spec is not None:  # the steering acted: it changes what the unsteered split run computes
+        base, _ = _prefill_calls(tiny_lm, prompts, None, cfg, True, monkeypatch, seeds)
+        assert (base[0].logits - split[0].logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["generated", "assistant", "prompt"])
+def test_steering_that_counts_the_sequence_prefills_in_one_call(tiny_lm, positions, monkeypatch):
+    """Positions that count the declared sequence's tokens need the whole prompt in one call: such
+    steering keeps the single left-padded prefill (and its results are checked against a no-cache
+    forward in test_cached_generation_steers_exactly_the_generated_tokens)."""
+    from repe.chat import messages
+
+    prompts = [messages(q, system=SYSTEM) for q in QUESTIONS[:4]]
+    spec = SteeringSpec(direction(tiny_lm), 3.0, positions=positions)
+    _, calls = _prefill_calls(
+        tiny_lm, prompts, spec, GenerationConfig(max_new_tokens=2), True, monkeypatch
+    )
+    assert len(calls) == 1 and calls[0][0] == 4
+
+
+def test_split_prefill_falls_back_for_a_cache_it_cannot_edit(tiny_lm, monkeypatch):
+    """A cache that is not a plain DynamicCache (sliding windows, quantised): one left-padded call."""
+    import steering.generate as G
+    from repe.chat import messages
+
+    prompts = [messages(q, system=SYSTEM) for q in QUESTIONS[:4]]
+    cfg = GenerationConfig(max_new_tokens=4)
+    want = generate(tiny_lm, prompts, None, cfg)
+    monkeypatch.setattr(G, "dynamic_layers", lambda cache: None)
+    calls = []
+    handle = tiny_lm.model.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        assert generate(tiny_lm, prompts, None, cfg) == want
+    finally:
+        handle.remove()
+    assert calls[1][0] == 4  # the prefix call, then the whole batch at once

@@ -111,7 +111,7 @@ class ValueMapConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     map_method: str = "pca"
-    batch_size: int = 64
+    batch_size: int = 128  # answers per generation batch (one source at a time); see prefill_split
     head_input: str = (
         "answer"  # what the head reads: "answer" (the answer text) or "qa" (Q: ... A: ...)
     )
