@@ -1,8 +1,9 @@
 """steering: interventions that change a running model (control vectors, ablation, clamping,
-conditional steering), all through one protocol and ``steer()``; generation; exporters
+conditional steering, low-rank adapters), all through one protocol and ``steer()``; generation; exporters
 (``steering.export``); and the evaluation sub-package that measures their effect
 (``steering.evaluation``)."""
 
+from steering.adapter import LowRankAdapter
 from steering.hooks import SteerState, steer
 from steering.intervention import Intervention, Resolved
 from steering.operators import OPERATORS
@@ -12,6 +13,7 @@ __all__ = [
     "OPERATORS",
     "Condition",
     "Intervention",
+    "LowRankAdapter",
     "Resolved",
     "SteerState",
     "SteeringSpec",

@@ -16,7 +16,7 @@ from repe.chat import messages
 from repe.kvcache import cache_from_tensors, cache_kwargs, dynamic_layers
 from repe.models import LoadedModel
 from steering.hooks import needs_sequence, steer
-from steering.intervention import as_resolved
+from steering.intervention import Intervention, as_resolved
 from steering.spec import SteeringSpec
 
 Prompts = Sequence[str] | Sequence[list[dict[str, str]]]
@@ -216,7 +216,7 @@ def _prefill_plain(
 def generate_stream(
     lm: LoadedModel,
     prompts: Prompts,
-    spec: SteeringSpec | None = None,
+    spec: SteeringSpec | Intervention | None = None,
     config: GenerationConfig | None = None,
     *,
     chat: bool = True,
@@ -297,7 +297,7 @@ def generate_stream(
 def generate(
     lm: LoadedModel,
     prompts: Prompts,
-    spec: SteeringSpec | None = None,
+    spec: SteeringSpec | Intervention | None = None,
     config: GenerationConfig | None = None,
     *,
     chat: bool = True,

@@ -335,6 +335,15 @@ def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
 
             return scope.gate(hook)
 
+        def make_module_hook(name: str) -> Any:
+            def hook(_m: Any, args: tuple[Any, ...], out: Any) -> Any:
+                call = call_state()
+                if call is None or not args:
+                    return None
+                return resolved.apply_module(args[0], out, name, call.mask)  # type: ignore[attr-defined]
+
+            return scope.gate(hook)
+
         def condition_hook(h: torch.Tensor) -> None:
             call = call_state()
             seqs = _SEQ.get()
@@ -368,6 +377,10 @@ def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
                     )
                 else:
                     scope.add(module.register_forward_hook(make_post(name), prepend=True))
+            # interventions that change a module's output from its input (low-rank adapters) name
+            # the modules: ``module_hooks`` maps a name to the module, ``apply_module`` gives the output
+            for name, module in (getattr(resolved, "module_hooks", None) or {}).items():
+                scope.add(module.register_forward_hook(make_module_hook(name), prepend=True))
             yield state
         finally:
             state._close()

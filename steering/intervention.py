@@ -42,6 +42,22 @@ class Resolved(Protocol):
         ...
 
 
+class ResolvedModules(Resolved, Protocol):
+    """A resolved intervention that also changes whole modules' outputs from their inputs (a low-rank
+    adapter on attention projections): ``steer`` hooks every module in ``module_hooks`` and replaces its
+    output with ``apply_module(x, out, name, mask)``, gated and scoped like every other hook. An
+    intervention that has no such modules leaves ``module_hooks`` out."""
+
+    module_hooks: dict[str, torch.nn.Module]
+
+    def apply_module(
+        self, x: torch.Tensor, out: torch.Tensor, name: str, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The module's new output ``[B, T, d_out]`` from its input ``x``; tokens outside ``mask`` keep
+        ``out``."""
+        ...
+
+
 @runtime_checkable
 class Intervention(Protocol):
     """Anything ``steer()`` can apply."""
