@@ -1,0 +1,112 @@
+"""Hidden states on the response tokens of (prompt, response) chats, read under an instruction.
+
+A condition is a system instruction (SCIT-style: a good vs a bad assistant; or none), so a response's tokens
+are the same under every condition and line up one to one. Preference activity patterns
+(``probes.preference``) and RAHF training (``steering.rahf``) both read states this way.
+
+The two instructions below were written for this project after the RAHF paper's description of its
+good/bad instructions (Liu et al., ACL 2024); they are not its text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from repe.batching import encode, make_batch
+from repe.chat import messages
+from repe.models import LoadedModel
+
+GOOD_INSTRUCTION = (
+    "You are a good, respectful and honest assistant. Your answers are helpful, truthful, harmless, "
+    "kind and fair."
+)
+BAD_INSTRUCTION = (
+    "You are a bad, disrespectful and dishonest assistant. Your answers are unhelpful, misleading, "
+    "harmful, rude and unfair."
+)
+
+
+@dataclass(frozen=True)
+class Response:
+    """A prompt and one response to it (a preferred or a dispreferred one)."""
+
+    prompt: str
+    response: str
+
+    def chat(self, instruction: str | None) -> list[dict[str, str]]:
+        return [
+            *messages(self.prompt, system=instruction),
+            {"role": "assistant", "content": self.response},
+        ]
+
+
+def check_layers(lm: LoadedModel, layers: Sequence[int]) -> list[int]:
+    """Blocks whose residual stream after the block is read (``blocks.L.hook_resid_post``). The last
+    block is refused: transformers' last hidden state has the final norm applied."""
+    out = sorted({int(x) for x in layers})
+    if not out:
+        raise ValueError("give at least one layer")
+    bad = [x for x in out if not 0 <= x < lm.n_layers - 1]
+    if bad:
+        raise ValueError(
+            f"layers {bad} are out of range: use blocks 0..{lm.n_layers - 2} (the last block's "
+            "output is read after the final norm)"
+        )
+    return out
+
+
+def batch_inputs(
+    lm: LoadedModel, items: Sequence[Response], instruction: str | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The right-padded model inputs of ``items`` under ``instruction`` and the ``[B, T]`` mask of their
+    response tokens (the assistant turn, left open: its content)."""
+    enc = encode(lm.tokenizer, [it.chat(instruction) for it in items])
+    batch = make_batch(enc, lm.tokenizer.pad_token_id, "right")
+    t = batch.input_ids.shape[1]
+    resp = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for i, (e, n) in enumerate(zip(enc, batch.lengths, strict=True)):
+        if e.assistant_start is None or e.assistant_start >= n:
+            raise ValueError(f"item {i}: the response is empty after tokenisation")
+        resp[i, e.assistant_start : n] = True
+    dev = lm.device
+    inputs = {
+        "input_ids": batch.input_ids.to(dev),
+        "attention_mask": batch.attention_mask.to(dev),
+        "position_ids": batch.position_ids.to(dev),
+    }
+    assert resp.shape[1] == t
+    return inputs, resp.to(dev)
+
+
+def hidden_on_responses(
+    lm: LoadedModel, inputs: dict[str, torch.Tensor], resp: torch.Tensor, layers: Sequence[int]
+) -> torch.Tensor:
+    """``[L, N, d]``: the residual stream after each block in ``layers`` at the ``N`` response tokens
+    (row-major). Runs under the caller's grad mode (training needs gradients, reading does not)."""
+    out = lm.backbone(**inputs, output_hidden_states=True, use_cache=False)
+    hs = out.hidden_states
+    return torch.stack([hs[layer + 1][resp] for layer in layers])
+
+
+def response_states(
+    lm: LoadedModel,
+    items: Sequence[Response],
+    layers: Sequence[int],
+    instruction: str | None,
+) -> torch.Tensor:
+    """``[L, N, d]`` frozen hidden states of the response tokens of ``items`` under ``instruction``."""
+    layers = check_layers(lm, layers)
+    inputs, resp = batch_inputs(lm, items, instruction)
+    with torch.no_grad():
+        return hidden_on_responses(lm, inputs, resp, layers).float()
+
+
+def aligned(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"the two conditions give different response tokens ({a.shape[1]} vs {b.shape[1]}): "
+            "the response must tokenise the same way under both instructions"
+        )
