@@ -9,6 +9,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -21,10 +22,15 @@ from steering.spec import SteeringSpec
 
 
 # ---- the cost: KL and perplexity on neutral text -----------------------------------------------
-def neutral_spec(spec: SteeringSpec) -> SteeringSpec:
+def neutral_spec(spec: Any) -> Any:
     """The spec as applied to neutral text: text stands in for the steered part of a conversation, so
-    ``positions`` ``"assistant"``, ``"generated"`` and ``"prompt"`` steer every token (``"all"``)."""
-    if isinstance(spec.positions, str) and spec.positions != "all":
+    ``positions`` ``"assistant"``, ``"generated"`` and ``"prompt"`` steer every token (``"all"``).
+    Other interventions (an adapter acts at every token) pass unchanged."""
+    if (
+        isinstance(spec, SteeringSpec)
+        and isinstance(spec.positions, str)
+        and spec.positions != "all"
+    ):
         return replace(spec, positions="all")
     return spec
 
@@ -58,7 +64,7 @@ class NeutralCosts:
     def n_tokens(self) -> int:
         return sum(b.n_tokens for b in self._batches)
 
-    def _logprobs(self, batch: TokenBatch, spec: SteeringSpec | None) -> torch.Tensor:
+    def _logprobs(self, batch: TokenBatch, spec: Any) -> torch.Tensor:
         """``[B, T, V]`` float32 log-probabilities."""
         dev = self.lm.device
         ctx = steer(self.lm, neutral_spec(spec)) if spec is not None else contextlib.nullcontext()
@@ -76,7 +82,7 @@ class NeutralCosts:
             self._base = [self._logprobs(b, None) for b in self._batches]
         return self._base
 
-    def measure(self, spec: SteeringSpec | None) -> tuple[float, float]:
+    def measure(self, spec: Any) -> tuple[float, float]:
         """(mean KL(base || steered) per real token, perplexity) under ``spec`` (None = unsteered)."""
         base = self.base()
         kl_sum, kl_n, nll_sum, nll_n = 0.0, 0, 0.0, 0
@@ -90,11 +96,11 @@ class NeutralCosts:
             nll_sum, nll_n = nll_sum + s, nll_n + n
         return kl_sum / kl_n, math.exp(nll_sum / nll_n)
 
-    def kl(self, spec: SteeringSpec) -> float:
+    def kl(self, spec: Any) -> float:
         """Mean ``KL(base || steered)`` per real token."""
         return self.measure(spec)[0]
 
-    def perplexity(self, spec: SteeringSpec | None = None) -> float:
+    def perplexity(self, spec: Any = None) -> float:
         """Perplexity under ``spec`` (None = unsteered); needs no unsteered pass when steered."""
         nll_sum, nll_n = 0.0, 0
         for i, b in enumerate(self._batches):
