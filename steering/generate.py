@@ -134,10 +134,15 @@ def prefill_split(
     b = len(rows)
     p = _common_prefix(rows)
     prefix: Any = None
+    prefix_layers: list[Any] = []
     if p:
         ids = torch.tensor([list(rows[0][:p])], device=device)
         prefix = DynamicCache()
         run(ids, torch.ones_like(ids), torch.arange(p, device=device)[None], prefix)
+        found = dynamic_layers(prefix)
+        if found is None:
+            return _prefill_plain(rows, pad_id, run, device)
+        prefix_layers = found
     order = sorted(range(b), key=lambda i: -len(rows[i]))
     s_max = len(rows[order[0]]) - p
     keys: list[list[torch.Tensor]] = []
@@ -151,14 +156,8 @@ def prefill_split(
         sb = make_batch([Encoded(list(rows[i][p:]), None) for i in group], pad_id, "left")
         n, gap = len(group), s_max - sb.input_ids.shape[1]
         cache: Any = DynamicCache()
-        if prefix is not None:
-            layers = dynamic_layers(prefix)
-            if layers is None:
-                return _prefill_plain(rows, pad_id, run, device)
-            for li, layer in enumerate(layers):
-                cache.update(
-                    layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), li
-                )
+        for li, layer in enumerate(prefix_layers):
+            cache.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), li)
         own = sb.attention_mask.to(device)
         head = torch.ones((n, p), dtype=own.dtype, device=device)
         logits.append(
@@ -230,9 +229,6 @@ def generate_stream(
     enc = encode(lm.tokenizer, inputs)
     batch = make_batch(enc, lm.tokenizer.pad_token_id, "left")
     dev = lm.device
-    ids = batch.input_ids.to(dev)
-    mask = batch.attention_mask.to(dev)
-    pos = batch.position_ids.to(dev)
     eos = lm.tokenizer.eos_token_id
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
     rows = None
@@ -243,7 +239,6 @@ def generate_stream(
             rows = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     out_ids: list[list[int]] = [[] for _ in enc]
     finished = [False] * len(enc)
-    from transformers import DynamicCache
 
     # The steering lives in a private context: every step runs in it (``scope.run``), so between two
     # steps nothing is steered in the caller's context, whatever the caller runs there (another stream,
@@ -267,14 +262,10 @@ def generate_stream(
         if spec is not None:
             state = scope.run(hooks.enter_context, steer(lm, spec))
             scope.run(state.begin_batch, batch)
-        if len(enc) > 1 and _splittable(lm, spec):
-            logits, cache, mask, step_pos = scope.run(
-                prefill_split, [e.ids for e in enc], lm.tokenizer.pad_token_id, run, dev
-            )
-        else:
-            cache = DynamicCache()
-            logits = scope.run(run, ids, mask, pos, cache)
-            step_pos = pos[:, -1:]
+        prefill = prefill_split if len(enc) > 1 and _splittable(lm, spec) else _prefill_plain
+        logits, cache, mask, step_pos = scope.run(
+            prefill, [e.ids for e in enc], lm.tokenizer.pad_token_id, run, dev
+        )
         for i in range(cfg.max_new_tokens):
             nxt = _pick(logits, cfg, gen, rows)
             toks = nxt.tolist()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -241,7 +240,3 @@ def train_rahf(
         "steps": step,
     }
     return res
-
-
-def loss_summary(res: RAHFResult) -> dict[str, Any]:
-    return {"layers": res.layers, **res.adapter.metrics, "stopped_early": res.stopped_early}
