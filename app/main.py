@@ -16,7 +16,7 @@ import streamlit as st  # noqa: E402
 
 from app import nav, workspace  # noqa: E402
 from app.state import get_state  # noqa: E402
-from app.views import export, model_data, read, steer, valuemap  # noqa: E402
+from app.views import export, model_data, rahf, read, steer, valuemap  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +27,10 @@ def main() -> None:
         st.Page(steer.render, title="Steer live", url_path="steer"),
         st.Page(export.render, title="Export", url_path="export"),
         st.Page(valuemap.render, title="Value map", url_path="valuemap"),
+        st.Page(rahf.render, title="RAHF adapter", url_path="rahf"),
     ]
-    nav.PAGES.update(zip(("model", "read", "steer", "export", "valuemap"), pages, strict=True))
+    names = ("model", "read", "steer", "export", "valuemap", "rahf")
+    nav.PAGES.update(zip(names, pages, strict=True))
     current = st.navigation(pages)
     nav.follow()
     state = get_state()

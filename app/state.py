@@ -48,6 +48,17 @@ class ValueMapRun:
 
 
 @dataclass
+class RAHFPanel:
+    """The RAHF page's last trained adapter, its held-out metrics and the last comparison."""
+
+    adapter: Any  # steering.adapter.LowRankAdapter
+    metrics: dict[str, Any]
+    prompt: str = "How do I pick a lock?"
+    on: bool = True
+    outputs: tuple[str, str | None] | None = None  # (without, with the adapter)
+
+
+@dataclass
 class AppState:
     model_path: str = ""  # "" = the embedded model
     uploaded: ContrastDataset | None = None
@@ -74,6 +85,7 @@ class AppState:
     # the last sweep's directions, built once per sweep: (the SweepResult they came from, by name)
     sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
     valuemap: ValueMapRun | None = None  # the Value map page's last completed run
+    rahf: RAHFPanel | None = None  # the RAHF page's last trained adapter
 
 
 def get_state() -> AppState:

@@ -13,6 +13,8 @@ What it holds (each part rewritten, atomically, only when it changed)::
     valuemap/            the Value map page's last run (steering.evaluation.valuemap.save_valuemap:
                          map and confusion HTML, metrics, records, the head artifact); written
                          only: a reload does not reopen it (the library has no loader for it)
+    rahf/                the RAHF page's adapter (artifact) and its metrics.json; a reload reopens
+                         them
 
 A damaged part is left out with a warning; the rest still loads.
 """
@@ -88,6 +90,7 @@ def save(state: AppState) -> None:
         or state.directions
         or state.steer.direction_names
         or state.valuemap is not None
+        or state.rahf is not None
     )
     if not has_work and not base.is_dir():
         return  # a session that has done nothing yet leaves no folder behind
@@ -111,6 +114,10 @@ def save(state: AppState) -> None:
         except Exception as exc:  # noqa: BLE001 - the page already shows the result; say, once
             state.notes.append(f"the value map could not be written to the workspace ({exc})")
         saved["valuemap"] = id(state.valuemap)
+    if state.rahf is not None and saved.get("rahf") != id(state.rahf.adapter):
+        state.rahf.adapter.save(base / "rahf" / "adapter")
+        write_text(base / "rahf" / "metrics.json", json.dumps(state.rahf.metrics, indent=1))
+        saved["rahf"] = id(state.rahf.adapter)
     text = json.dumps(_settings(state, files), indent=1, sort_keys=True)
     if saved.get("settings") != text:
         write_text(base / "settings.json", text)
@@ -148,6 +155,17 @@ def load(state: AppState) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - one damaged part must not lose the others
             state.sweep = state.acts_pos = state.acts_neg = None
             warnings.append(f"the stored sweep could not be read ({exc})")
+    if (base / "rahf").is_dir():
+        try:
+            from app.state import RAHFPanel
+            from steering.adapter import LowRankAdapter
+
+            ad = LowRankAdapter.load(base / "rahf" / "adapter")
+            metrics = json.loads((base / "rahf" / "metrics.json").read_text(encoding="utf-8"))
+            state.rahf = RAHFPanel(ad, metrics)
+            state.saved["rahf"] = id(ad)
+        except Exception as exc:  # noqa: BLE001 - as above
+            warnings.append(f"the RAHF adapter could not be read ({exc})")
     for name, file in dict(settings.get("directions", {})).items():
         try:
             d = Direction.load(inside(base / "directions", safe_name(str(file))))

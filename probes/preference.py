@@ -19,13 +19,24 @@ from repe.models import LoadedModel
 from repe.responses import (
     BAD_INSTRUCTION,
     GOOD_INSTRUCTION,
+    Condition,
+    CondLike,
     Response,
     aligned,
+    as_condition,
     check_layers,
     response_states,
 )
 
-__all__ = ["BAD_INSTRUCTION", "GOOD_INSTRUCTION", "ActivityPattern", "Response", "activity_pattern"]
+__all__ = [
+    "BAD_INSTRUCTION",
+    "GOOD_INSTRUCTION",
+    "ActivityPattern",
+    "Condition",
+    "Response",
+    "activity_pattern",
+    "pooled_pattern",
+]
 
 
 @dataclass
@@ -36,6 +47,8 @@ class ActivityPattern:
     mean: torch.Tensor  # [L, d] mean per-token difference
     token_norm: torch.Tensor  # [L] mean norm of the per-token difference
     n_tokens: int
+    kind: str = "token"  # "token": aligned per-token differences; "pooled": difference of means
+    conditions: tuple[str, str] = ("", "")
 
     def direction(self, lm: LoadedModel, name: str = "rahf_pattern") -> Direction:
         vectors = {
@@ -46,7 +59,12 @@ class ActivityPattern:
             lm.identity,
             name=name,
             method="rahf_pattern",
-            params={"n_tokens": self.n_tokens},
+            params={
+                "n_tokens": self.n_tokens,
+                "kind": self.kind,
+                "preferred": self.conditions[0],
+                "dispreferred": self.conditions[1],
+            },
             normalisation="raw",
             stats={
                 f"blocks.{layer}.hook_resid_post": {
@@ -62,11 +80,13 @@ def activity_pattern(
     lm: LoadedModel,
     items: Sequence[Response],
     layers: Sequence[int],
-    preferred: str | None = GOOD_INSTRUCTION,
-    dispreferred: str | None = BAD_INSTRUCTION,
+    preferred: CondLike = GOOD_INSTRUCTION,
+    dispreferred: CondLike = BAD_INSTRUCTION,
     batch_size: int = 8,
 ) -> ActivityPattern:
-    """The pattern of ``items`` read under ``preferred`` vs ``dispreferred`` instructions."""
+    """The pattern of ``items`` read under a ``preferred`` vs a ``dispreferred`` condition: two
+    instructions (SCIT-style; None is the model's default, so ``(value_instruction, None)`` is a
+    VILMO-style value-instruction contrast), or two settings or models (:class:`Condition`)."""
     if not items:
         raise ValueError("no items to read a pattern from")
     layers = check_layers(lm, layers)
@@ -84,4 +104,43 @@ def activity_pattern(
         norms = tn if norms is None else norms + tn
         n += diff.shape[1]
     assert total is not None and norms is not None
-    return ActivityPattern(layers, total / n, norms / n, n)
+    names = (as_condition(preferred).describe(), as_condition(dispreferred).describe())
+    return ActivityPattern(layers, total / n, norms / n, n, "token", names)
+
+
+def _token_sum(
+    lm: LoadedModel,
+    items: Sequence[Response],
+    layers: list[int],
+    condition: CondLike,
+    batch_size: int,
+) -> tuple[torch.Tensor, int]:
+    total, n = torch.zeros(len(layers), lm.d_model), 0
+    for s in range(0, len(items), batch_size):
+        h = response_states(lm, items[s : s + batch_size], layers, condition)
+        total += h.sum(1).cpu()
+        n += h.shape[1]
+    return total, n
+
+
+def pooled_pattern(
+    lm: LoadedModel,
+    preferred: Sequence[Response],
+    dispreferred: Sequence[Response],
+    layers: Sequence[int],
+    condition: CondLike = None,
+    batch_size: int = 8,
+) -> ActivityPattern:
+    """The mean response-token state of the ``preferred`` responses minus that of the ``dispreferred``
+    ones, both read under ``condition``: for responses that differ, so tokens do not line up. D2O-style
+    negative-only data gives the model's own answers as ``preferred`` and the human-dispreferred
+    answers to the same prompts as ``dispreferred``. ``token_norm`` is the norm of the mean difference."""
+    if not preferred or not dispreferred:
+        raise ValueError("a pooled pattern needs preferred and dispreferred responses")
+    layers = check_layers(lm, layers)
+    a, na = _token_sum(lm, preferred, layers, condition, batch_size)
+    b, nb = _token_sum(lm, dispreferred, layers, condition, batch_size)
+    mean = a / na - b / nb
+    return ActivityPattern(
+        layers, mean, mean.norm(dim=-1), na + nb, "pooled", ("preferred", "dispreferred")
+    )

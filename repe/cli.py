@@ -460,6 +460,12 @@ def app_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def cmd_rahf(args: argparse.Namespace) -> int:
+    from repe import cli_rahf
+
+    return cli_rahf.run(args, _load, _flag)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """Replace this process by the Streamlit server (so stopping it stops the server)."""
     import os
@@ -685,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="answer cache folder (default: the repe cache)")
     p.add_argument("--out", default="valuemap_out", help="folder for the map, metrics and head")
     p.set_defaults(func=cmd_valuemap)
+
+    from repe import cli_rahf
+
+    cli_rahf.add_parser(sub, _add_model_args, _positive_int, cmd_rahf)
     return ap
 
 

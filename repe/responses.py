@@ -10,8 +10,11 @@ good/bad instructions (Liu et al., ACL 2024); they are not its text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +44,43 @@ class Response:
             *messages(self.prompt, system=instruction),
             {"role": "assistant", "content": self.response},
         ]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a response is read under: a system ``instruction`` (None: the model's default), another
+    ``model`` (same tokenizer and width; None: the model at hand) and a ``scope`` that sets the model up
+    for the read (for example ``lambda lm: steer(lm, adapter)``; ``steering.rahf.setting`` builds one).
+    ``label`` names the condition in metadata."""
+
+    instruction: str | None = None
+    model: Any = None
+    scope: Callable[[Any], AbstractContextManager[Any]] | None = None
+    label: str = ""
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        parts = []
+        if self.instruction is not None:
+            parts.append(f"instruction {self.instruction!r}")
+        if self.model is not None:
+            parts.append(f"model {self.model.identity.name}")
+        if self.scope is not None:
+            parts.append("a setting")
+        return ", ".join(parts) or "the model as it is"
+
+
+CondLike = Condition | str | None
+
+
+def as_condition(c: CondLike) -> Condition:
+    """An instruction (or None) is the condition of reading under it."""
+    if isinstance(c, Condition):
+        return c
+    if c is not None and not isinstance(c, str):
+        raise TypeError(f"a condition is an instruction string, None or a Condition; got {type(c)}")
+    return Condition(instruction=c)
 
 
 def check_layers(lm: LoadedModel, layers: Sequence[int]) -> list[int]:
@@ -89,17 +129,34 @@ def hidden_on_responses(
     return torch.stack([hs[layer + 1][resp] for layer in layers])
 
 
+def _same_reader(lm: LoadedModel, other: LoadedModel) -> None:
+    if other.d_model != lm.d_model or other.n_layers != lm.n_layers:
+        raise ValueError(
+            f"the two models differ in shape ({other.n_layers} blocks x {other.d_model} vs "
+            f"{lm.n_layers} x {lm.d_model}): a pattern needs the same blocks and width"
+        )
+    if other.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+        raise ValueError("the two models' tokenizers differ: a response must tokenise the same way")
+
+
 def response_states(
     lm: LoadedModel,
     items: Sequence[Response],
     layers: Sequence[int],
-    instruction: str | None,
+    condition: CondLike,
 ) -> torch.Tensor:
-    """``[L, N, d]`` frozen hidden states of the response tokens of ``items`` under ``instruction``."""
+    """``[L, N, d]`` frozen hidden states of the response tokens of ``items`` under ``condition`` (an
+    instruction, None, or a :class:`Condition`)."""
     layers = check_layers(lm, layers)
-    inputs, resp = batch_inputs(lm, items, instruction)
-    with torch.no_grad():
-        return hidden_on_responses(lm, inputs, resp, layers).float()
+    c = as_condition(condition)
+    reader = lm
+    if c.model is not None and c.model is not lm:
+        _same_reader(lm, c.model)
+        reader = c.model
+    inputs, resp = batch_inputs(reader, items, c.instruction)
+    scope = c.scope(reader) if c.scope is not None else contextlib.nullcontext()
+    with scope, torch.no_grad():
+        return hidden_on_responses(reader, inputs, resp, layers).float()
 
 
 def aligned(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -14,25 +14,154 @@ hooks that apply it afterwards; the base weights are frozen while it trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from repe.chat import messages
 from repe.models import LoadedModel
 from repe.responses import (
     BAD_INSTRUCTION,
     GOOD_INSTRUCTION,
+    Condition,
+    CondLike,
     Response,
     aligned,
+    as_condition,
     batch_inputs,
     check_layers,
     hidden_on_responses,
     response_states,
 )
 from steering.adapter import DEFAULT_TARGETS, LowRankAdapter
+from steering.generate import GenerationConfig, generate
 from steering.hooks import steer
+
+
+def setting(intervention: Any, instruction: str | None = None, label: str = "") -> Condition:
+    """The condition of reading under ``intervention`` (an adapter, a steering spec: any
+    Intervention), for patterns of type (b): the model with vs without a setting."""
+    return Condition(
+        instruction=instruction,
+        scope=lambda lm: steer(lm, intervention),
+        label=label or f"under {getattr(intervention, 'name', type(intervention).__name__)}",
+    )
+
+
+def own_answers(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 40,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[Response]:
+    """The model's own greedy answers to ``prompts`` (the anchor of D2O-style negative-only data).
+    An answer that comes out empty is dropped."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for s in tqdm(starts, desc="own answers", unit="batch", disable=not progress):
+        chunk = list(prompts[s : s + batch_size])
+        chats = [messages(q, system=instruction) for q in chunk]
+        for q, a in zip(chunk, generate(lm, chats, None, cfg), strict=True):
+            if a.strip():
+                out.append(Response(q, a.strip()))
+    return out
+
+
+@dataclass(frozen=True)
+class SCITConfig:
+    """Contrastive instruction tuning (RAHF's first step, "SCIT"): one adapter that teaches the model to
+    give the preferred responses under the preferred instruction and the dispreferred responses under
+    the dispreferred one, so that the two instructions carry the preference the pattern then reads."""
+
+    preferred: str | None = GOOD_INSTRUCTION
+    dispreferred: str | None = BAD_INSTRUCTION
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 3e-4
+    epochs: int = 2
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preferred == self.dispreferred:
+            raise ValueError("SCIT needs two different instructions")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+def scit_tune(
+    lm: LoadedModel,
+    preferred: Sequence[Response],
+    dispreferred: Sequence[Response],
+    config: SCITConfig | None = None,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> LowRankAdapter:
+    """Train the SCIT adapter (every block's q/v): next-token loss on the response tokens of the
+    ``preferred`` responses read under ``config.preferred`` and of the ``dispreferred`` ones under
+    ``config.dispreferred``. The base weights stay frozen."""
+    cfg = config or SCITConfig()
+    if not preferred or not dispreferred:
+        raise ValueError("SCIT needs preferred and dispreferred responses")
+    g = torch.Generator().manual_seed(cfg.seed)
+    batches = []
+    for group, instr in ((preferred, cfg.preferred), (dispreferred, cfg.dispreferred)):
+        order = torch.randperm(len(group), generator=g).tolist()
+        for s in range(0, len(order), cfg.batch_size):
+            chunk = [group[i] for i in order[s : s + cfg.batch_size]]
+            inputs, resp = batch_inputs(lm, chunk, instr)
+            batches.append((inputs, inputs["input_ids"].masked_fill(~resp, -100)))
+    ad = LowRankAdapter.init(
+        lm, list(range(lm.n_layers)), rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, name="scit"
+    )
+    ad.method = "scit"
+    ad.params = {
+        "preferred": cfg.preferred,
+        "dispreferred": cfg.dispreferred,
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "n_preferred": len(preferred),
+        "n_dispreferred": len(dispreferred),
+    }
+    params = ad.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    total, step = cfg.epochs * len(batches), 0
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        with (
+            frozen_base(lm),
+            tqdm(total=total, desc="SCIT", unit="step", disable=not progress) as bar,
+        ):
+            for _ in range(cfg.epochs):
+                for i in torch.randperm(len(batches), generator=g).tolist():
+                    inputs, labels = batches[i]
+                    with steer(lm, ad):
+                        loss = lm.model(**inputs, labels=labels).loss
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    value = float(loss.detach())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.3f}")
+                    if on_step is not None:
+                        on_step(step, total, value)
+    finally:
+        lm.model.train(was_training)
+        for p in params:
+            p.requires_grad_(False)
+    return ad
 
 
 def default_layers(n_layers: int, k: int = 4) -> list[int]:
@@ -53,8 +182,8 @@ class RAHFConfig:
     rank: int = 8
     alpha: float = 16.0
     alpha_pattern: float = 5.0
-    preferred: str | None = GOOD_INSTRUCTION
-    dispreferred: str | None = BAD_INSTRUCTION
+    preferred: CondLike = GOOD_INSTRUCTION  # an instruction, None, or a Condition
+    dispreferred: CondLike = BAD_INSTRUCTION
     plain: str | None = None  # the instruction the adapted model reads (None: the model's default)
     lr: float = 1e-3
     epochs: int = 4
@@ -72,6 +201,16 @@ class RAHFConfig:
         if not math.isfinite(self.alpha_pattern) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError("alpha_pattern must be finite and lr > 0")
 
+    def describe(self) -> dict[str, Any]:
+        """The settings as JSON-able values (conditions by their description)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("preferred", "dispreferred"):
+                v = as_condition(v).describe()
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
 
 @dataclass
 class RAHFBatch:
@@ -88,10 +227,19 @@ def prepare(
     layers: Sequence[int],
     cfg: RAHFConfig,
     *,
+    pooled: torch.Tensor | None = None,
     progress: bool = False,
 ) -> list[RAHFBatch]:
-    """Targets for ``items`` in batches of ``cfg.batch_size`` (read once, with the model frozen)."""
+    """Targets for ``items`` in batches of ``cfg.batch_size`` (read once, with the model frozen).
+    With ``pooled`` (``[L, d]``, one vector per target block) the pattern added at every response
+    token is that vector (a pooled pattern: responses that differ) instead of the per-token
+    difference of the two conditions."""
     layers = check_layers(lm, layers)
+    if pooled is not None and tuple(pooled.shape) != (len(layers), lm.d_model):
+        raise ValueError(
+            f"pooled pattern has shape {tuple(pooled.shape)}; expected "
+            f"({len(layers)}, {lm.d_model}) (one vector per target block)"
+        )
     out = []
     starts = range(0, len(items), cfg.batch_size)
     for s in tqdm(starts, desc="RAHF targets", unit="batch", disable=not progress):
@@ -99,6 +247,10 @@ def prepare(
         inputs, resp = batch_inputs(lm, chunk, cfg.plain)
         with torch.no_grad():
             plain = hidden_on_responses(lm, inputs, resp, layers).float()
+        if pooled is not None:
+            shift = pooled.to(plain.device, plain.dtype)[:, None, :]
+            out.append(RAHFBatch(inputs, resp, plain + cfg.alpha_pattern * shift))
+            continue
         pos = response_states(lm, chunk, layers, cfg.preferred)
         neg = response_states(lm, chunk, layers, cfg.dispreferred)
         aligned(pos, neg)
@@ -159,9 +311,12 @@ def train_rahf(
     *,
     progress: bool = True,
     name: str = "rahf",
+    pooled: torch.Tensor | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> RAHFResult:
     """Train an adapter on ``items`` (a seeded held-out share decides early stopping; the adapter
-    returned is the one with the lowest held-out loss)."""
+    returned is the one with the lowest held-out loss). ``pooled``: see :func:`prepare`.
+    ``on_step(step, total, loss)`` is called after every step (a progress bar in the app)."""
     cfg = config or RAHFConfig()
     layers = check_layers(lm, cfg.layers if cfg.layers is not None else default_layers(lm.n_layers))
     if len(items) < 2:
@@ -184,9 +339,14 @@ def train_rahf(
         name=name,
     )
     adapter.method = "rahf"
-    adapter.params = {**asdict(cfg), "layers": layers, "adapter_layers": adapter_layers}
-    train_b = prepare(lm, train, layers, cfg, progress=progress)
-    held_b = prepare(lm, held, layers, cfg, progress=progress)
+    adapter.params = {
+        **cfg.describe(),
+        "layers": layers,
+        "adapter_layers": adapter_layers,
+        "pattern": "pooled" if pooled is not None else "token",
+    }
+    train_b = prepare(lm, train, layers, cfg, pooled=pooled, progress=progress)
+    held_b = prepare(lm, held, layers, cfg, pooled=pooled, progress=progress)
     params = adapter.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -212,6 +372,8 @@ def train_rahf(
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}")
+                    if on_step is not None:
+                        on_step(step, total, loss_value)
                     if step % cfg.eval_every == 0 or step == total:
                         held_loss = _mean_loss(lm, adapter, held_b, layers)
                         res.history.append(

@@ -1,44 +1,46 @@
-"""Study: RAHF (SCIT-style) on the embedded model. Preference pairs from shipped CAA behaviours (cloze form);
-the activity pattern is read under a good vs a bad assistant instruction on the training pairs' chosen
-and rejected answers; a rank-8 q/v adapter is trained with the RAHF loss; on held-out pairs we measure
-the preferred-vs-dispreferred log-likelihood margin and the projection on the pattern direction, before
-and after, with paired bootstrap intervals, and perplexity on neutral text as the capability check.
+"""Study: RAHF on the embedded model, one run per variant (``steering.evaluation.rahf``): SCIT-style
+(good vs bad assistant instruction), negative-only (the model's own answers minus the rejected ones,
+D2O-style) and a value-instruction contrast (VILMO-style). Preference pairs from shipped CAA behaviours
+in cloze form; on held-out pairs: the chosen-vs-rejected log-likelihood margin and the projection on the
+pattern, before and after, with paired bootstrap intervals; perplexity and KL on neutral text and the
+facts AUC as the capability check; a steering vector from the same pattern at matched KL beside it.
 
-    .venv/bin/python studies/rahf_embedded.py                       # hallucination + refusal pairs
-    .venv/bin/python studies/rahf_embedded.py --train 48 --held 100 --out rahf_out
+    .venv/bin/python studies/rahf_embedded.py                              # scit and negative
+    .venv/bin/python studies/rahf_embedded.py --variants vilmo --value honesty --out rahf_out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probes.preference import activity_pattern  # noqa: E402
 from repe.atomic import write_text  # noqa: E402
-from repe.datasets.preference import caa_preference_pairs  # noqa: E402
 from repe.models import load_model  # noqa: E402
-from repe.responses import Response  # noqa: E402
-from steering.evaluation.costs import NeutralCosts  # noqa: E402
-from steering.evaluation.preference import (  # noqa: E402
-    paired_change,
-    pattern_projections,
-    preference_margins,
-)
-from steering.rahf import RAHFConfig, default_layers, train_rahf  # noqa: E402
+from steering.evaluation.rahf import RAHFRun, run_rahf  # noqa: E402
+
+
+def line(name: str, m: dict) -> str:
+    mc, pc = m["margin_change"], m["projection_change"]
+    return (
+        f"{name:16s} margin {mc['mean']:+.3f} [{mc['lo']:+.3f}, {mc['hi']:+.3f}]  projection "
+        f"{pc['mean']:+.3f} [{pc['lo']:+.3f}, {pc['hi']:+.3f}]  ppl x{m['perplexity_ratio']:.3f}  "
+        f"facts AUC {m.get('facts_auc', float('nan')):.3f}  KL {m['neutral_kl']:.4f}  "
+        f"within tolerance: {m['within_tolerance']}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--behaviours", default="hallucination,refusal")
-    ap.add_argument("--train", type=int, default=48, help="training pairs per behaviour")
-    ap.add_argument("--held", type=int, default=60, help="held-out pairs per behaviour")
+    ap.add_argument("--variants", default="scit,negative")
+    ap.add_argument("--pairs", default="caa:hallucination,caa:refusal")
+    ap.add_argument("--value", default="honesty")
+    ap.add_argument("--train", type=int, default=48, help="training pairs per source")
+    ap.add_argument("--held", type=int, default=60, help="held-out pairs per source")
     ap.add_argument("--alpha-pattern", type=float, default=5.0)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--epochs", type=int, default=3)
@@ -46,62 +48,31 @@ def main() -> None:
     ap.add_argument("--out", default="rahf_out")
     args = ap.parse_args()
 
-    t0 = time.perf_counter()
     lm = load_model()
-    rng = random.Random(args.seed)
-    train_pairs, held_pairs = [], []
-    for b in args.behaviours.split(","):
-        pairs = caa_preference_pairs(b)
-        rng.shuffle(pairs)
-        train_pairs += pairs[: args.train]
-        held_pairs += pairs[args.train : args.train + args.held]
-    items = [Response(p.prompt, r) for p in train_pairs for r in (p.chosen, p.rejected) if r]
-    cfg = RAHFConfig(
-        alpha_pattern=args.alpha_pattern, lr=args.lr, epochs=args.epochs, seed=args.seed
-    )
-    layers = default_layers(lm.n_layers)
-    pattern = activity_pattern(lm, items, layers).direction(lm, "scit_pattern")
-    held_items = [Response(p.prompt, p.chosen) for p in held_pairs if p.chosen] + [
-        Response(p.prompt, p.rejected) for p in held_pairs
-    ]
-    costs = NeutralCosts(lm)
-    before = {
-        "margin": preference_margins(lm, held_pairs),
-        "projection": pattern_projections(lm, held_items, pattern),
-    }
-    ppl_before = costs.perplexity()
-    res = train_rahf(lm, items, cfg, progress=True)
-    ad = res.adapter
-    after = {
-        "margin": preference_margins(lm, held_pairs, ad),
-        "projection": pattern_projections(lm, held_items, pattern, ad),
-    }
-    ppl_after, kl = costs.perplexity(ad), costs.kl(ad)
-    m = paired_change(before["margin"], after["margin"])
-    p = paired_change(before["projection"], after["projection"])
-    metrics = {
-        "behaviours": args.behaviours,
-        "train_pairs": len(train_pairs),
-        "train_items": len(items),
-        "held_out_pairs": len(held_pairs),
-        "layers": layers,
-        "config": {"alpha_pattern": cfg.alpha_pattern, "lr": cfg.lr, "epochs": cfg.epochs},
-        "rahf_loss": ad.metrics,
-        "margin_before": float(before["margin"].mean()),
-        "margin_after": float(after["margin"].mean()),
-        "margin_change": m,
-        "projection_before": float(before["projection"].mean()),
-        "projection_after": float(after["projection"].mean()),
-        "projection_change": p,
-        "neutral_perplexity": [ppl_before, ppl_after],
-        "neutral_kl": kl,
-        "minutes": (time.perf_counter() - t0) / 60,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ad.save(out / "adapter")
-    write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    print(json.dumps(metrics, indent=1))
+    summary = {}
+    for variant in args.variants.split(","):
+        run = RAHFRun(
+            pairs=tuple(args.pairs.split(",")),
+            variant=variant,
+            value=args.value,
+            train=args.train,
+            held=args.held,
+            alpha_pattern=args.alpha_pattern,
+            lr=args.lr,
+            epochs=args.epochs,
+            seed=args.seed,
+        )
+        _, metrics = run_rahf(lm, run, Path(args.out) / variant)
+        summary[variant] = metrics
+        print(line(f"{variant} adapter", metrics["adapter"]), flush=True)
+        if "vector" in metrics:
+            print(line(f"{variant} vector", metrics["vector"]), flush=True)
+    write_text(Path(args.out) / "summary.json", json.dumps(summary, indent=1))
+    print("base:", json.dumps({v: m["base"] for v, m in summary.items()}))
+    for v, m in summary.items():
+        print(line(f"{v} adapter", m["adapter"]))
+        if "vector" in m:
+            print(line(f"{v} vector", m["vector"]))
 
 
 if __name__ == "__main__":

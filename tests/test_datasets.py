@@ -25,6 +25,7 @@ FOLDERS = (
     "neutral",
     "refusal",
     "repe_emotions_facts",
+    "value_instructions",
     "valuebench",
 )
 

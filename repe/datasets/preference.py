@@ -10,9 +10,11 @@ A user's JSON-lines file has one object per line with ``prompt`` and ``rejected`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from repe.datasets._paths import data_path
 from repe.datasets.behaviour import load_caa_items
 from repe.datasets.caa import cloze_items
 from repe.datasets.io import iter_jsonl, require_keys
@@ -76,3 +78,18 @@ def load_preference_pairs(name_or_path: str | Path) -> list[PreferencePair]:
     if not out:
         raise DataFormatError(f"{s}: no preference pairs (the file has no non-blank lines)")
     return out
+
+
+def load_value_instructions() -> dict[str, str]:
+    """The shipped value instructions (value name -> a one-sentence system instruction), written for
+    this project for VILMO-style value-instruction contrasts (``value_instructions/SOURCE.txt``)."""
+    path = data_path("value_instructions", "value_instructions.json")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in d.items()
+    ):
+        raise DataFormatError(f"{path}: expected an object of value name -> instruction text")
+    return d

@@ -102,3 +102,49 @@ def paired_change(
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, d.size, size=(n, d.size))].mean(1)
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def text_logprobs(
+    lm: LoadedModel, texts: Sequence[str], intervention: Any = None, batch_size: int = 16
+) -> np.ndarray:
+    """Per text (plain, no chat template), the mean log-probability of its tokens after the first."""
+    from repe.batching import batches, encode
+
+    enc = encode(lm.tokenizer, list(texts))
+    if any(len(e.ids) < 2 for e in enc):
+        raise ValueError("every text needs at least two tokens")
+    out = np.zeros(len(enc))
+    dev = lm.device
+    for start, b in batches(enc, batch_size, lm.tokenizer.pad_token_id, "right"):
+        with _scope(lm, intervention), torch.inference_mode():
+            logits = lm.model(
+                input_ids=b.input_ids.to(dev),
+                attention_mask=b.attention_mask.to(dev),
+                position_ids=b.position_ids.to(dev),
+            ).logits.float()
+        ids = b.input_ids.to(dev)
+        real = b.attention_mask.to(dev).bool()
+        pred = real[:, :-1] & real[:, 1:]
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out[start : start + len(lp)] = ((lp * pred).sum(1) / pred.sum(1)).cpu().numpy()
+    return out
+
+
+def facts_auc(lm: LoadedModel, intervention: Any = None, *, n: int = 200, seed: int = 0) -> float:
+    """A capability check: how well the model's own likelihood tells true from false statements —
+    the AUC of the mean token log-probability over ``n`` RepE facts (half true, half false, seeded).
+    0.5 is chance; a change that damages what the model knows pulls it toward 0.5."""
+    from repe.datasets import load_facts
+
+    facts = load_facts()
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in (True, False):
+        group = [f for f in facts if f.label == label]
+        k = min(n // 2, len(group))
+        picked += [group[i] for i in rng.choice(len(group), size=k, replace=False)]
+    lp = text_logprobs(lm, [f.text for f in picked], intervention)
+    labels = np.array([f.label for f in picked])
+    pos, neg = lp[labels], lp[~labels]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
