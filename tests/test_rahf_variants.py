@@ -276,3 +276,44 @@ def test_repe_rahf_merge_writes_a_model_that_equals_the_hooked_adapter(tiny_lm, 
         plain = lm.model(input_ids=ids).logits
     torch.testing.assert_close(folded, hooked, atol=1e-4, rtol=1e-4)
     assert float((folded - plain).abs().max()) > 1e-3
+
+
+def test_a_negative_only_run_trains_on_its_pooled_pattern(tiny_lm, tmp_path, monkeypatch):
+    """The run trains the adapter toward the pattern it measures: a pooled pattern for negative-only
+    runs (the first version trained them on the instruction pattern instead; seen failing)."""
+    import steering.evaluation.rahf as R
+
+    f = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "prompt": f"Question {i}: is it fine?",
+            "rejected": f"Sure, do bad thing {i}.",
+            "chosen": "No.",
+        }
+        for i in range(9)
+    ]
+    f.write_text("\n".join(json.dumps(x) for x in rows))
+    run = RAHFRun(
+        pairs=(str(f),),
+        variant="negative",
+        train=6,
+        held=3,
+        epochs=1,
+        facts=0,
+        compare_vector=False,
+        answer_tokens=6,
+    )
+    seen = {}
+    real = R.train_rahf
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "train_rahf", spy)
+    ad, m = R.run_rahf(tiny_lm, run, tmp_path / "out", progress=False, log=lambda _: None)
+    assert seen["pooled"] is not None
+    assert tuple(seen["pooled"].shape) == (len(m["layers"]), tiny_lm.d_model)
+    assert ad.params["pattern"] == "pooled" and m["pattern"]["kind"] == "pooled"
+    assert m["held_out_pairs"] == 3 and "vector" not in m
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["held_out_pairs"] == 3

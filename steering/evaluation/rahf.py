@@ -257,7 +257,15 @@ def run_rahf(
     log("measuring the base model on held-out pairs")
     before = _measure(lm, None, held, held_items, direction, costs, run.facts)
     log(f"training: {len(items)} responses, {run.epochs} epochs")
-    res = train_rahf(lm, items, cfg, progress=progress, name=f"rahf_{run.variant}", on_step=on_step)
+    res = train_rahf(
+        lm,
+        items,
+        cfg,
+        progress=progress,
+        name=f"rahf_{run.variant}",
+        on_step=on_step,
+        pooled=pattern.mean if pattern.kind == "pooled" else None,
+    )
     ad = res.adapter
     log("measuring the adapter")
     after = _measure(lm, ad, held, held_items, direction, costs, run.facts)
