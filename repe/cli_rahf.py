@@ -40,7 +40,9 @@ def add_parser(
     p.add_argument("--train", type=positive_int, default=48, help="training pairs per source")
     p.add_argument("--held", type=positive_int, default=60, help="held-out pairs per source")
     p.add_argument("--alpha-pattern", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 1e-3 for scit, 5e-4 for the others"
+    )
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -205,6 +205,11 @@ def test_split_pairs_is_seeded_and_keeps_train_and_held_out_apart(tmp_path):
         split_pairs(RAHFRun(pairs=(str(f),), train=12, held=4))
     with pytest.raises(ValueError, match="variant"):
         RAHFRun(variant="nope")
+    assert RAHFRun().learning_rate == 1e-3  # the measured SCIT default
+    assert RAHFRun(variant="negative").learning_rate == 5e-4
+    assert RAHFRun(lr=2e-4).learning_rate == 2e-4
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        RAHFRun(lr=0.0)
 
 
 def test_scit_tuning_ties_each_instruction_to_its_responses(tiny_lm):
