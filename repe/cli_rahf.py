@@ -39,7 +39,7 @@ def add_parser(
     p.add_argument("--value", default="honesty", help="vilmo: a shipped value instruction")
     p.add_argument("--train", type=positive_int, default=48, help="training pairs per source")
     p.add_argument("--held", type=positive_int, default=60, help="held-out pairs per source")
-    p.add_argument("--alpha-pattern", type=float, default=5.0)
+    p.add_argument("--alpha-pattern", type=float, default=None, help="default: 5 (1 for negative)")
     p.add_argument(
         "--lr", type=float, default=None, help="default: 1e-3 for scit, 5e-4 for the others"
     )

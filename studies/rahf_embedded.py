@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--value", default="honesty")
     ap.add_argument("--train", type=int, default=48, help="training pairs per source")
     ap.add_argument("--held", type=int, default=60, help="held-out pairs per source")
-    ap.add_argument("--alpha-pattern", type=float, default=5.0)
+    ap.add_argument("--alpha-pattern", type=float, default=None, help="default: the variant's")
     ap.add_argument("--lr", type=float, default=None, help="default: the variant's (DEFAULT_LR)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)

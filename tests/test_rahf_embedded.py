@@ -23,7 +23,6 @@ def test_a_small_adapter_moves_held_out_states_along_its_pattern(embedded_lm, tm
         held=20,
         epochs=2,
         scit_epochs=2,
-        lr=5e-4,
         facts=40,
         answer_tokens=24,
     )

@@ -208,6 +208,8 @@ def test_split_pairs_is_seeded_and_keeps_train_and_held_out_apart(tmp_path):
     assert RAHFRun().learning_rate == 1e-3  # the measured SCIT default
     assert RAHFRun(variant="negative").learning_rate == 5e-4
     assert RAHFRun(lr=2e-4).learning_rate == 2e-4
+    assert RAHFRun().pattern_alpha == 5.0 and RAHFRun(variant="negative").pattern_alpha == 1.0
+    assert RAHFRun(variant="negative", alpha_pattern=3.0).pattern_alpha == 3.0
     with pytest.raises(ValueError, match="lr must be > 0"):
         RAHFRun(lr=0.0)
 

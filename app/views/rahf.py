@@ -70,7 +70,15 @@ def train_ui(lm: Any, panel_key: str = "rahf") -> None:
         c4, c5, c6 = st.columns(3)
         n_train = c4.number_input("Training pairs per behaviour", 2, 400, 8)
         n_held = c5.number_input("Held-out pairs per behaviour", 1, 400, 8)
-        alpha_pattern = c6.number_input("alpha_pattern", 0.0, 50.0, 5.0, step=0.5)
+        alpha_pattern = c6.number_input(
+            "alpha_pattern (0: the variant's default)",
+            0.0,
+            50.0,
+            0.0,
+            step=0.5,
+            help="how far the adapter moves the states along the pattern: 5 for scit and vilmo, "
+            "1 for negative (its pooled pattern is about 10x longer)",
+        )
         vector = st.checkbox("Also a steering vector from the pattern at the same KL", value=True)
         go = st.form_submit_button("Train adapter")
     if not go:
@@ -86,7 +94,7 @@ def train_ui(lm: Any, panel_key: str = "rahf") -> None:
             train=int(n_train),
             held=int(n_held),
             epochs=int(epochs),
-            alpha_pattern=float(alpha_pattern),
+            alpha_pattern=float(alpha_pattern) or None,
             compare_vector=bool(vector),
             facts=60,
         )

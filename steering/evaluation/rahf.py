@@ -61,6 +61,10 @@ VARIANTS = ("scit", "negative", "vilmo")
 # the learning rates the study measured (studies/rahf_embedded.py; README): SCIT's held-out loss still
 # fell at the end of 3 epochs at 5e-4, and its margin rose only at 1e-3
 DEFAULT_LR = {"scit": 1e-3, "negative": 5e-4, "vilmo": 5e-4}
+# a pooled pattern (difference of two responses' mean states) is about 10x longer than a per-token
+# pattern of the same response under two conditions (embedded model: 10.6-20.2 vs 0.7-3.5 per block);
+# at RAHF's 5 the negative-only adapter raised perplexity x1.57
+DEFAULT_ALPHA_PATTERN = {"scit": 5.0, "negative": 1.0, "vilmo": 5.0}
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class RAHFRun:
     value: str = "honesty"  # vilmo: which shipped value instruction
     train: int = 48  # training pairs per source
     held: int = 60  # held-out pairs per source
-    alpha_pattern: float = 5.0
+    alpha_pattern: float | None = None  # None: DEFAULT_ALPHA_PATTERN of the variant
     lr: float | None = None  # None: DEFAULT_LR of the variant
     epochs: int = 3
     rank: int = 8
@@ -89,6 +93,11 @@ class RAHFRun:
             raise ValueError("give at least one source of preference pairs")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+
+    @property
+    def pattern_alpha(self) -> float:
+        a = self.alpha_pattern
+        return a if a is not None else DEFAULT_ALPHA_PATTERN[self.variant]
 
     @property
     def learning_rate(self) -> float:
@@ -122,7 +131,7 @@ def read_pattern(
 ) -> tuple[ActivityPattern, list[Response], RAHFConfig]:
     """The variant's pattern, the responses the adapter trains on and the training config."""
     base = RAHFConfig(
-        alpha_pattern=run.alpha_pattern,
+        alpha_pattern=run.pattern_alpha,
         lr=run.learning_rate,
         epochs=run.epochs,
         rank=run.rank,
@@ -279,7 +288,12 @@ def run_rahf(
     log("measuring the adapter")
     after = _measure(lm, ad, held, held_items, direction, costs, run.facts)
     metrics: dict[str, Any] = {
-        "run": {**asdict(run), "pairs": list(run.pairs), "lr": run.learning_rate},
+        "run": {
+            **asdict(run),
+            "pairs": list(run.pairs),
+            "lr": run.learning_rate,
+            "alpha_pattern": run.pattern_alpha,
+        },
         "layers": layers,
         "train_pairs": len(train),
         "train_items": len(items),
