@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from repe.batching import batches, encode
+from repe.datasets import load_facts
 from repe.datasets.preference import PreferencePair
 from repe.directions import Direction
 from repe.models import LoadedModel
@@ -108,8 +110,6 @@ def text_logprobs(
     lm: LoadedModel, texts: Sequence[str], intervention: Any = None, batch_size: int = 16
 ) -> np.ndarray:
     """Per text (plain, no chat template), the mean log-probability of its tokens after the first."""
-    from repe.batching import batches, encode
-
     enc = encode(lm.tokenizer, list(texts))
     if any(len(e.ids) < 2 for e in enc):
         raise ValueError("every text needs at least two tokens")
@@ -134,8 +134,6 @@ def facts_auc(lm: LoadedModel, intervention: Any = None, *, n: int = 200, seed: 
     """A capability check: how well the model's own likelihood tells true from false statements —
     the AUC of the mean token log-probability over ``n`` RepE facts (half true, half false, seeded).
     0.5 is chance; a change that damages what the model knows pulls it toward 0.5."""
-    from repe.datasets import load_facts
-
     facts = load_facts()
     rng = np.random.default_rng(seed)
     picked = []

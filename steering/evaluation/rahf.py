@@ -22,6 +22,7 @@ the facts AUC (``facts_auc``), each change with a paired bootstrap interval wher
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -330,7 +331,5 @@ def run_rahf(
         o.mkdir(parents=True, exist_ok=True)
         ad.save(o / "adapter")
         direction.save(o / "pattern")
-        import json
-
         write_text(o / "metrics.json", json.dumps(metrics, indent=1))
     return ad, metrics
