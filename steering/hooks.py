@@ -41,7 +41,7 @@ from repe.hooks import hook_scope
 from repe.kvcache import cache_length
 from repe.models import LoadedModel
 from repe.sites import parse_site
-from steering.intervention import Intervention, Resolved, as_resolved
+from steering.intervention import Intervention, Resolved, TorchHook, as_resolved
 
 _V = TypeVar("_V")
 # (which steerings are on in this context is the hook scope's business: repe.hooks.hook_scope)
@@ -344,6 +344,21 @@ def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
 
             return scope.gate(hook)
 
+        def make_torch_hook(th: TorchHook) -> Any:
+            if th.kind == "pre":
+
+                def pre(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                    call = call_state()
+                    return None if call is None else th.fn(m, args, kwargs, call.mask)
+
+                return scope.gate(pre)
+
+            def post(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+                call = call_state()
+                return None if call is None else th.fn(m, args, kwargs, out, call.mask)
+
+            return scope.gate(post)
+
         def condition_hook(h: torch.Tensor) -> None:
             call = call_state()
             seqs = _SEQ.get()
@@ -381,6 +396,22 @@ def steer(lm: LoadedModel, spec: Intervention) -> Iterator[SteerState]:
             # the modules: ``module_hooks`` maps a name to the module, ``apply_module`` gives the output
             for name, module in (getattr(resolved, "module_hooks", None) or {}).items():
                 scope.add(module.register_forward_hook(make_module_hook(name), prepend=True))
+            # interventions that extend a computation inside a block (Aligner) bring their own hooks
+            for th in getattr(resolved, "torch_hooks", None) or ():
+                if th.kind == "pre":
+                    scope.add(
+                        th.module.register_forward_pre_hook(
+                            make_torch_hook(th), with_kwargs=True, prepend=True
+                        )
+                    )
+                elif th.kind == "post":
+                    scope.add(
+                        th.module.register_forward_hook(
+                            make_torch_hook(th), with_kwargs=True, prepend=True
+                        )
+                    )
+                else:
+                    raise ValueError(f"TorchHook kind must be 'pre' or 'post'; got {th.kind!r}")
             yield state
         finally:
             state._close()

@@ -16,7 +16,9 @@ An intervention also says how it serialises (``to_json``) and which exporters ca
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -56,6 +58,22 @@ class ResolvedModules(Resolved, Protocol):
         """The module's new output ``[B, T, d_out]`` from its input ``x``; tokens outside ``mask`` keep
         ``out``."""
         ...
+
+
+@dataclass(frozen=True)
+class TorchHook:
+    """A hook on any module, for interventions that extend a computation inside a block (Aligner's
+    prefix attention reads the queries and adds to the attention's output). ``steer`` registers it with
+    keyword arguments, gated and scoped like every other hook, and passes the current call's token mask:
+
+    - ``kind="pre"``: ``fn(module, args, kwargs, mask)`` returns None or the new ``(args, kwargs)``;
+    - ``kind="post"``: ``fn(module, args, kwargs, output, mask)`` returns None or the new output.
+
+    A resolved intervention lists them in ``torch_hooks``; one that has none leaves it out."""
+
+    module: torch.nn.Module
+    kind: Literal["pre", "post"]
+    fn: Callable[..., Any]
 
 
 @runtime_checkable

@@ -1,0 +1,389 @@
+"""Aligner-style global tokens (Zhou et al., "Aligner: One Global Token is Worth Millions of Parameters
+When Aligning Large Language Models"): ``N`` learnable vectors in the residual space, shared by every
+block from ``start_layer`` on.
+
+In each such block, the block's own frozen ``k_proj`` and ``v_proj`` turn the shared tokens into ``N``
+prefix keys and values (no position encoding, no norm; grouped-query attention repeats them per query
+head like the model's own keys). Every query (after its rotary embedding, as the attention uses it)
+attends to them in a *separate* softmax over the ``N`` prefix tokens, and the result, scaled by a gate
+per head (initialised to zero), is added to the attention's output before ``o_proj``. With all gates at
+zero the model is the base model, bit for bit. Trainable: the tokens (``N x d_model``) and the gates
+(``n_heads`` per block from ``start_layer``), so ``N * d + n_heads * (n_layers - start_layer)``
+parameters (828 for ``N = 1`` on SmolLM2-135M with the paper's start layer 2).
+
+It is an intervention like any other: ``steer(lm, aligner)`` applies it through hooks (no module
+surgery), only in that scope and context, nested with steering vectors or adapters, and training runs
+through the same hooks (``steering.aligner_train``). The prefix is not part of the KV cache: each new
+token's query meets the prefix in its own softmax, so generation with the cache gives what a full
+forward pass gives.
+
+Llama-family attention only (``llama``, ``mistral``): ``self_attn`` with ``q_proj``, ``k_proj``,
+``v_proj`` and ``o_proj`` linear modules and rotary position embeddings passed to the attention.
+Anything else is refused with an error that names what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repe.artifacts import check_identity, check_version, load_artifact, register, save_artifact
+from repe.errors import DataFormatError
+from repe.models import LoadedModel, ModelIdentity
+from steering.intervention import TorchHook
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+DEFAULT_START_LAYER = 2  # the paper's choice
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's attention is not one the Aligner hooks know how to extend."""
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One block's attention as the Aligner sees it."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    attn: nn.Module
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def attention_layout(lm: LoadedModel, layer: int) -> AttentionLayout:
+    """Block ``layer``'s attention modules and head shapes, or :class:`UnsupportedArchitecture` naming
+    what is missing."""
+    cfg: Any = lm.model.config
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitecture(
+            f"the Aligner supports Llama-family attention ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"this model is {model_type!r}"
+            + _missing(lm.layers[layer] if 0 <= layer < lm.n_layers else None)
+        )
+    block = lm.layers[layer]
+    missing = _missing(block)
+    if missing:
+        raise UnsupportedArchitecture(f"the Aligner cannot hook block {layer}{missing}")
+    attn: Any = block.self_attn
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    if (
+        q.out_features != n_heads * head_dim
+        or k.out_features != n_kv * head_dim
+        or v.out_features != n_kv * head_dim
+        or o.in_features != n_heads * head_dim
+        or n_heads % n_kv
+    ):
+        raise UnsupportedArchitecture(
+            f"block {layer}'s attention projections do not match {n_heads} query heads, {n_kv} "
+            f"key/value heads of size {head_dim}"
+        )
+    return AttentionLayout(q, k, v, o, attn, n_heads, n_kv, head_dim)
+
+
+def _missing(block: nn.Module | None) -> str:
+    """': it has no ...' for the attention parts a block lacks ('' when it has them all)."""
+    if block is None:
+        return ""
+    attn = getattr(block, "self_attn", None)
+    if attn is None:
+        kids = sorted(n for n, _ in block.named_children())
+        return f": its blocks have no self_attn module (children: {kids})"
+    lacking = [
+        n
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        if not isinstance(getattr(attn, n, None), nn.Linear)
+    ]
+    return f": its self_attn has no linear {', '.join(lacking)}" if lacking else ""
+
+
+def parameter_count(n_tokens: int, d_model: int, n_heads: int, n_layers: int, start: int) -> int:
+    """``N * d + n_heads * (n_layers - start)``."""
+    return n_tokens * d_model + n_heads * (n_layers - start)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Stash(threading.local):
+    """Per-thread values carried from one hook to the next within a block's forward call."""
+
+    def __init__(self) -> None:
+        self.q: dict[int, torch.Tensor] = {}
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@dataclass
+class ResolvedAligner:
+    """An Aligner resolved against one model: its hooks and the tensors on the model's device."""
+
+    tokens: torch.Tensor  # [N, d]
+    gates: torch.Tensor  # [n_blocks, n_heads]
+    layouts: dict[int, AttentionLayout]
+    start: int
+    torch_hooks: list[TorchHook] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    positions: str = "all"
+    token_indices: list[int] = field(default_factory=list)
+    condition: Any = None
+
+    def __post_init__(self) -> None:
+        self._stash = _Stash()
+        self._kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        n = self.tokens.shape[0]
+        for layer, lay in self.layouts.items():
+            if n > 1:  # with one prefix token its softmax is 1 whatever the query: no query needed
+                self.torch_hooks.append(TorchHook(lay.attn, "pre", self._rope_hook(layer)))
+                self.torch_hooks.append(TorchHook(lay.q, "post", self._query_hook(layer)))
+            self.torch_hooks.append(TorchHook(lay.o, "pre", self._output_hook(layer)))
+
+    def find_assistant_starts(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the Aligner acts at every position")
+
+    def apply(self, h: torch.Tensor, site: str, mask: torch.Tensor | None) -> torch.Tensor:
+        return h
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def _rope_hook(self, layer: int) -> Any:
+        def fn(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mask: Any) -> None:
+            pe = kwargs.get("position_embeddings")
+            if pe is None and len(args) > 1 and isinstance(args[1], tuple):
+                pe = args[1]
+            if pe is None:
+                raise UnsupportedArchitecture(
+                    f"block {layer}'s attention was called without position_embeddings (cos, sin): "
+                    "this transformers version's Llama attention is not supported"
+                )
+            self._stash.rope[layer] = pe
+
+        return fn
+
+    def _query_hook(self, layer: int) -> Any:
+        def fn(_m: Any, _args: Any, _kwargs: Any, out: torch.Tensor, mask: Any) -> None:
+            self._stash.q[layer] = out
+
+        return fn
+
+    def _prefix_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[H, N, head_dim]`` keys and values of the prefix at ``layer`` (float32)."""
+        grad = torch.is_grad_enabled() and self.tokens.requires_grad
+        if not grad and layer in self._kv_cache:
+            return self._kv_cache[layer]
+        lay = self.layouts[layer]
+        n = self.tokens.shape[0]
+        t = self.tokens.to(lay.k.weight.dtype)
+        k = F.linear(t, lay.k.weight, lay.k.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
+        v = F.linear(t, lay.v.weight, lay.v.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
+        group = lay.n_heads // lay.n_kv_heads
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, N, hd]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        if not grad:
+            self._kv_cache[layer] = (k, v)
+        return k, v
+
+    def _output_hook(self, layer: int) -> Any:
+        lay = self.layouts[layer]
+        scale = 1.0 / math.sqrt(lay.head_dim)
+        gate_row = layer - self.start
+
+        def fn(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mask: Any) -> Any:
+            x = args[0] if args else kwargs["input"]
+            b, t, _ = x.shape
+            k, v = self._prefix_kv(layer)
+            gate = self.gates[gate_row].to(x.device).float()  # [H]
+            if k.shape[1] == 1:
+                o = (v[:, 0, :] * gate.unsqueeze(-1)).expand(b, t, lay.n_heads, lay.head_dim)
+            else:
+                q = self._stash.q.pop(layer).view(b, t, lay.n_heads, lay.head_dim).float()
+                cos, sin = self._stash.rope.pop(layer)
+                cos = cos.float().unsqueeze(2)  # [B, T, 1, hd]
+                sin = sin.float().unsqueeze(2)
+                q = q * cos + _rotate_half(q) * sin
+                p = torch.einsum("bthd,hnd->bhtn", q, k).mul(scale).softmax(-1)
+                o = torch.einsum("bhtn,hnd->bthd", p, v) * gate.view(1, 1, -1, 1)
+            new = x + o.reshape(b, t, -1).to(x.dtype)
+            if mask is not None:
+                new = torch.where(mask.unsqueeze(-1), new, x)
+            if args:
+                return ((new, *args[1:]), kwargs)
+            return (args, {**kwargs, "input": new})
+
+        return fn
+
+
+@register("aligner")
+@dataclass
+class Aligner:
+    """``tokens`` ``[N, d_model]``; ``gates`` ``[n_layers - start_layer, n_heads]`` (row ``i`` is block
+    ``start_layer + i``)."""
+
+    KIND = "aligner"
+    FORMAT_VERSION = 1
+
+    identity: ModelIdentity
+    start_layer: int
+    tokens: torch.Tensor
+    gates: torch.Tensor
+    name: str = "aligner"
+    method: str = "untrained"
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_parameters(self) -> int:
+        return self.tokens.numel() + self.gates.numel()
+
+    @classmethod
+    def init(
+        cls,
+        lm: LoadedModel,
+        n_tokens: int = 1,
+        *,
+        start_layer: int = DEFAULT_START_LAYER,
+        seed: int = 0,
+        name: str = "aligner",
+    ) -> Aligner:
+        """Fresh tokens (seeded, at the scale of what the block's projections normally read: the
+        input norm's mean weight) and zero gates, so a fresh Aligner is the base model."""
+        if n_tokens < 1:
+            raise ValueError(f"an Aligner needs at least one token; got {n_tokens}")
+        if not 0 <= start_layer < lm.n_layers:
+            raise ValueError(
+                f"start_layer {start_layer} is out of range: the model has {lm.n_layers} blocks"
+            )
+        layouts = [attention_layout(lm, layer) for layer in range(start_layer, lm.n_layers)]
+        norm = getattr(lm.layers[start_layer], "input_layernorm", None)
+        w = getattr(norm, "weight", None)
+        scale = float(w.detach().float().abs().mean()) if isinstance(w, torch.Tensor) else 1.0
+        g = torch.Generator().manual_seed(seed)
+        dev = layouts[0].k.weight.device
+        tokens = (torch.randn(n_tokens, lm.d_model, generator=g) * scale).to(dev)
+        gates = torch.zeros(len(layouts), layouts[0].n_heads, device=dev)
+        return cls(lm.identity, start_layer, tokens, gates, name)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable tensors: the tokens and the gates."""
+        return [self.tokens, self.gates]
+
+    # ---- the Intervention protocol ----------------------------------------------------------
+    def resolve(self, lm: LoadedModel) -> ResolvedAligner:
+        check_identity(self.identity, lm.identity, what=f"Aligner {self.name!r}")
+        if not 0 <= self.start_layer < lm.n_layers:
+            raise ValueError(
+                f"Aligner {self.name!r} starts at block {self.start_layer}; the model has "
+                f"{lm.n_layers}"
+            )
+        layouts = {
+            layer: attention_layout(lm, layer) for layer in range(self.start_layer, lm.n_layers)
+        }
+        n_heads = layouts[self.start_layer].n_heads
+        want = (lm.n_layers - self.start_layer, n_heads)
+        if (
+            tuple(self.tokens.shape) != (self.n_tokens, lm.d_model)
+            or tuple(self.gates.shape) != want
+        ):
+            raise ValueError(
+                f"Aligner {self.name!r}: tokens {tuple(self.tokens.shape)} and gates "
+                f"{tuple(self.gates.shape)} do not fit d_model {lm.d_model} and {want[0]} blocks x "
+                f"{n_heads} heads"
+            )
+        if not (torch.isfinite(self.tokens).all() and torch.isfinite(self.gates).all()):
+            raise ValueError(f"Aligner {self.name!r} holds NaN or infinite values")
+        dev = layouts[self.start_layer].k.weight.device
+        return ResolvedAligner(self.tokens.to(dev), self.gates.to(dev), layouts, self.start_layer)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "name": self.name,
+            "n_tokens": self.n_tokens,
+            "start_layer": self.start_layer,
+            "n_parameters": self.n_parameters,
+            "method": self.method,
+        }
+
+    @property
+    def exporters(self) -> tuple[str, ...]:
+        """Only the JSON/safetensors spec (``steering.export``'s ``aligner`` format): llama.cpp's
+        control vectors add one vector per layer to the residual stream and cannot carry an extra
+        attention over prefix tokens."""
+        return ()
+
+    # ---- I/O --------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"tokens": self.tokens.detach().float(), "gates": self.gates.detach().float()}
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            **self.to_json(),
+            "model": self.identity.to_dict(),
+            "hidden_size": self.identity.d_model,
+            "params": self.params,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return save_artifact(self, path)
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Aligner:
+        check_version(meta, cls.KIND, cls.FORMAT_VERSION)
+        try:
+            identity = ModelIdentity.from_dict(meta["model"])
+            start = int(meta["start_layer"])
+            n = int(meta["n_tokens"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataFormatError(f"Aligner metadata is missing or malformed: {exc}") from exc
+        if sorted(tensors) != ["gates", "tokens"]:
+            raise DataFormatError(
+                f"Aligner tensors must be 'tokens' and 'gates'; got {sorted(tensors)}"
+            )
+        tokens, gates = tensors["tokens"], tensors["gates"]
+        if tokens.dim() != 2 or tokens.shape != (n, identity.d_model) or gates.dim() != 2:
+            raise DataFormatError(
+                f"Aligner tensors: tokens {tuple(tokens.shape)} (want ({n}, {identity.d_model})), "
+                f"gates {tuple(gates.shape)}"
+            )
+        if gates.shape[0] != identity.n_layers - start:
+            raise DataFormatError(
+                f"Aligner gates have {gates.shape[0]} rows; blocks {start}..{identity.n_layers - 1} "
+                f"need {identity.n_layers - start}"
+            )
+        return cls(
+            identity,
+            start,
+            tokens,
+            gates,
+            name=meta.get("name", "aligner"),
+            method=meta.get("method", "untrained"),
+            params=meta.get("params", {}),
+            metrics=meta.get("metrics", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: LoadedModel | None = None) -> Aligner:
+        obj = load_artifact(path, model)
+        if not isinstance(obj, cls):
+            raise DataFormatError(f"{path} holds a {type(obj).__name__}, not an Aligner")
+        return obj
