@@ -466,6 +466,12 @@ def cmd_rahf(args: argparse.Namespace) -> int:
     return cli_rahf.run(args, _load, _flag)
 
 
+def cmd_aligner(args: argparse.Namespace) -> int:
+    from repe import cli_aligner
+
+    return cli_aligner.run(args, _load, _flag)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """Replace this process by the Streamlit server (so stopping it stops the server)."""
     import os
@@ -695,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     from repe import cli_rahf
 
     cli_rahf.add_parser(sub, _add_model_args, _positive_int, cmd_rahf)
+    from repe import cli_aligner
+
+    cli_aligner.add_parser(sub, _add_model_args, _positive_int, cmd_aligner)
     return ap
 
 

@@ -24,6 +24,7 @@ Anything else is refused with an error that names what is missing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -41,6 +42,14 @@ from repe.models import LoadedModel, ModelIdentity
 from steering.intervention import TorchHook
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SPEC_KIND = "repe-aligner-spec"
+SPEC_FORMULA = (
+    "for every block L in blocks, with h the block's attention input after its norm: "
+    "K = k_proj(tokens), V = v_proj(tokens) (no norm, no position), repeated per query head as the "
+    "model repeats its key/value heads; q = rotary(q_proj(h)) per head; "
+    "out_head += gates[L - start_layer, head] * softmax(q . K / sqrt(head_dim)) V, "
+    "a softmax over the prefix tokens only, added to the o_proj input"
+)
 DEFAULT_START_LAYER = 2  # the paper's choice
 
 
@@ -245,6 +254,9 @@ class Aligner:
     method: str = "untrained"
     params: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    attention: dict[str, Any] = field(
+        default_factory=dict
+    )  # model_type, heads, kv heads, head size
 
     @property
     def n_tokens(self) -> int:
@@ -280,7 +292,14 @@ class Aligner:
         dev = layouts[0].k.weight.device
         tokens = (torch.randn(n_tokens, lm.d_model, generator=g) * scale).to(dev)
         gates = torch.zeros(len(layouts), layouts[0].n_heads, device=dev)
-        return cls(lm.identity, start_layer, tokens, gates, name)
+        lay = layouts[0]
+        attention = {
+            "model_type": getattr(lm.model.config, "model_type", "?"),
+            "n_heads": lay.n_heads,
+            "n_kv_heads": lay.n_kv_heads,
+            "head_dim": lay.head_dim,
+        }
+        return cls(lm.identity, start_layer, tokens, gates, name, attention=attention)
 
     def parameters(self) -> list[torch.Tensor]:
         """The trainable tensors: the tokens and the gates."""
@@ -321,6 +340,7 @@ class Aligner:
             "start_layer": self.start_layer,
             "n_parameters": self.n_parameters,
             "method": self.method,
+            "attention": self.attention,
         }
 
     @property
@@ -379,7 +399,66 @@ class Aligner:
             method=meta.get("method", "untrained"),
             params=meta.get("params", {}),
             metrics=meta.get("metrics", {}),
+            attention=meta.get("attention", {}),
         )
+
+    # ---- export for serving stacks ------------------------------------------------------------
+    def export_spec(self, path: str | os.PathLike[str]) -> list[Path]:
+        """A self-contained JSON spec for serving stacks (what to compute, where, and the tensors
+        inline as float32 values) and the same tensors as ``<stem>.safetensors`` beside it."""
+        from safetensors.torch import save as st_save
+
+        from repe.atomic import write_bytes, write_text
+
+        target = Path(path)
+        if target.suffix != ".json":
+            target = target.with_suffix(".json")
+        blocks = list(range(self.start_layer, self.identity.n_layers))
+        payload = {
+            "kind": SPEC_KIND,
+            "format_version": self.FORMAT_VERSION,
+            "model": self.identity.to_dict(),
+            "aligner": self.to_json(),
+            "attention": self.attention,
+            "blocks": blocks,
+            "formula": SPEC_FORMULA,
+            "hooks": {
+                "keys_values": "model.layers.{L}.self_attn.k_proj / v_proj weights applied to tokens",
+                "queries": "model.layers.{L}.self_attn.q_proj output, rotary embedding applied",
+                "add_to": "input of model.layers.{L}.self_attn.o_proj",
+            },
+            "params": self.params,
+            "metrics": self.metrics,
+            "tokens": self.tokens.detach().float().cpu().tolist(),
+            "gates": self.gates.detach().float().cpu().tolist(),
+            "tensors_file": target.with_suffix(".safetensors").name,
+        }
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()}
+        st = write_bytes(target.with_suffix(".safetensors"), st_save(tensors))
+        js = write_text(target, json.dumps(payload))
+        return [js, st]
+
+    @classmethod
+    def from_spec(cls, path: str | os.PathLike[str]) -> Aligner:
+        """Read back a spec written by :meth:`export_spec` (its inline tensors)."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataFormatError(f"{path}: not a readable JSON Aligner spec ({exc})") from exc
+        if not isinstance(d, dict) or d.get("kind") != SPEC_KIND:
+            raise DataFormatError(f"{path}: not an Aligner spec (kind {SPEC_KIND!r})")
+        meta = {
+            **d["aligner"],
+            "model": d["model"],
+            "params": d.get("params", {}),
+            "metrics": d.get("metrics", {}),
+            "format_version": d["format_version"],
+        }
+        tensors = {
+            "tokens": torch.tensor(d["tokens"], dtype=torch.float32),
+            "gates": torch.tensor(d["gates"], dtype=torch.float32),
+        }
+        return cls.from_parts(tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: LoadedModel | None = None) -> Aligner:

@@ -21,6 +21,7 @@ FOLDERS = (
     "caa",
     "control_questions",
     "ethics",
+    "fictional_facts",
     "moralchoice",
     "neutral",
     "refusal",

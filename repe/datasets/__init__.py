@@ -33,7 +33,7 @@ from repe.datasets.catalogue import available, list_concepts, load_concept
 from repe.datasets.core import ContrastDataset, ContrastPair, DatasetNotFoundError, Side
 from repe.datasets.io import iter_csv, iter_jsonl, load_pairs_file
 from repe.datasets.neutral import load_neutral
-from repe.datasets.preference import load_value_instructions
+from repe.datasets.preference import load_fictional_facts, load_value_instructions
 from repe.datasets.questions import (
     Question,
     QuestionSet,
@@ -66,6 +66,7 @@ from repe.datasets.values import (
 
 __all__ = [
     "load_neutral",
+    "load_fictional_facts",
     "load_value_instructions",
     "load_ab_control",
     "CAA_BEHAVIOURS",

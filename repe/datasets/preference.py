@@ -93,3 +93,29 @@ def load_value_instructions() -> dict[str, str]:
     ):
         raise DataFormatError(f"{path}: expected an object of value name -> instruction text")
     return d
+
+
+@dataclass(frozen=True)
+class FictionalFact:
+    """An invented fact: ``statement`` answers the ``train`` questions; ``held_out`` asks the same in
+    other words; ``answer`` is the word a recall must contain."""
+
+    answer: str
+    statement: str
+    train: tuple[str, ...]
+    held_out: str
+
+
+def load_fictional_facts() -> list[FictionalFact]:
+    """The shipped invented facts (``fictional_facts/SOURCE.txt``): knowledge no model has, for checking
+    whether an intervention can learn facts or only form."""
+    path = data_path("fictional_facts", "fictional_facts.jsonl")
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        require_keys(obj, ("answer", "statement", "held_out"), where)
+        train = obj.get("train")
+        if not isinstance(train, list) or not train or not all(isinstance(q, str) for q in train):
+            raise DataFormatError(f"{where}: 'train' must be a non-empty list of questions")
+        out.append(FictionalFact(obj["answer"], obj["statement"], tuple(train), obj["held_out"]))
+    return out
