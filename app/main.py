@@ -16,7 +16,7 @@ import streamlit as st  # noqa: E402
 
 from app import nav, workspace  # noqa: E402
 from app.state import get_state  # noqa: E402
-from app.views import export, model_data, rahf, read, steer, valuemap  # noqa: E402
+from app.views import aligner, export, model_data, rahf, read, steer, valuemap  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +28,9 @@ def main() -> None:
         st.Page(export.render, title="Export", url_path="export"),
         st.Page(valuemap.render, title="Value map", url_path="valuemap"),
         st.Page(rahf.render, title="RAHF adapter", url_path="rahf"),
+        st.Page(aligner.render, title="Aligner tokens", url_path="aligner"),
     ]
-    names = ("model", "read", "steer", "export", "valuemap", "rahf")
+    names = ("model", "read", "steer", "export", "valuemap", "rahf", "aligner")
     nav.PAGES.update(zip(names, pages, strict=True))
     current = st.navigation(pages)
     nav.follow()

@@ -59,6 +59,18 @@ class RAHFPanel:
 
 
 @dataclass
+class AlignerPanel:
+    """The Aligner page's last trained Aligner, its held-out result (``run_aligner``'s dict without
+    the ``"artifact"`` key) and the last comparison."""
+
+    aligner: Any  # steering.aligner.Aligner
+    result: dict[str, Any]
+    prompt: str = "How do I make a good cup of tea?"
+    on: bool = True
+    outputs: tuple[str, str | None] | None = None  # (without, with the Aligner)
+
+
+@dataclass
 class AppState:
     model_path: str = ""  # "" = the embedded model
     uploaded: ContrastDataset | None = None
@@ -86,6 +98,7 @@ class AppState:
     sweep_directions: tuple[Any, dict[str, Direction]] = (None, {})
     valuemap: ValueMapRun | None = None  # the Value map page's last completed run
     rahf: RAHFPanel | None = None  # the RAHF page's last trained adapter
+    aligner: AlignerPanel | None = None  # the Aligner page's last trained Aligner
 
 
 def get_state() -> AppState:

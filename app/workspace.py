@@ -15,6 +15,8 @@ What it holds (each part rewritten, atomically, only when it changed)::
                          only: a reload does not reopen it (the library has no loader for it)
     rahf/                the RAHF page's adapter (artifact) and its metrics.json; a reload reopens
                          them
+    aligner/             the Aligner page's Aligner (artifact ``aligner``) and its result.json; a
+                         reload reopens them
 
 A damaged part is left out with a warning; the rest still loads.
 """
@@ -91,6 +93,7 @@ def save(state: AppState) -> None:
         or state.steer.direction_names
         or state.valuemap is not None
         or state.rahf is not None
+        or state.aligner is not None
     )
     if not has_work and not base.is_dir():
         return  # a session that has done nothing yet leaves no folder behind
@@ -118,6 +121,10 @@ def save(state: AppState) -> None:
         state.rahf.adapter.save(base / "rahf" / "adapter")
         write_text(base / "rahf" / "metrics.json", json.dumps(state.rahf.metrics, indent=1))
         saved["rahf"] = id(state.rahf.adapter)
+    if state.aligner is not None and saved.get("aligner") != id(state.aligner.aligner):
+        state.aligner.aligner.save(base / "aligner" / "aligner")
+        write_text(base / "aligner" / "result.json", json.dumps(state.aligner.result, indent=1))
+        saved["aligner"] = id(state.aligner.aligner)
     text = json.dumps(_settings(state, files), indent=1, sort_keys=True)
     if saved.get("settings") != text:
         write_text(base / "settings.json", text)
@@ -166,6 +173,17 @@ def load(state: AppState) -> list[str]:
             state.saved["rahf"] = id(ad)
         except Exception as exc:  # noqa: BLE001 - as above
             warnings.append(f"the RAHF adapter could not be read ({exc})")
+    if (base / "aligner").is_dir():
+        try:
+            from app.state import AlignerPanel
+            from steering.aligner import Aligner
+
+            al = Aligner.load(base / "aligner" / "aligner")
+            result = json.loads((base / "aligner" / "result.json").read_text(encoding="utf-8"))
+            state.aligner = AlignerPanel(al, result)
+            state.saved["aligner"] = id(al)
+        except Exception as exc:  # noqa: BLE001 - as above
+            warnings.append(f"the Aligner could not be read ({exc})")
     for name, file in dict(settings.get("directions", {})).items():
         try:
             d = Direction.load(inside(base / "directions", safe_name(str(file))))

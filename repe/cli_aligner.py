@@ -104,14 +104,15 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any], fla
     from steering.aligner import Aligner
     from steering.evaluation.aligner import AlignerRun, run_aligner
 
-    lm = load(args)
+    own = _own_data(args.data) if args.aligner_cmd == "train" and args.data else None
+    lm = load(args)  # after the data are checked: a bad file fails before the model loads
     if args.aligner_cmd == "eval":
         al = flag(f"--aligner {args.aligner}", Aligner.load, args.aligner, lm)
         return _eval(lm, al, args, flag)
-    if args.data is not None:
+    if own is not None:
         from steering.aligner_train import TrainConfig, train_aligner
 
-        data, kind = _own_data(args.data)
+        data, kind = own
         cfg = TrainConfig(objective=kind, lr=args.lr or 1e-2, epochs=args.epochs, seed=args.seed)
         al, res = train_aligner(
             lm, data, n_tokens=args.n_tokens, start_layer=args.start_layer, config=cfg
