@@ -121,6 +121,13 @@ def _missing(block: nn.Module | None) -> str:
     return f": its self_attn has no linear {', '.join(lacking)}" if lacking else ""
 
 
+def shared_rotary(lm: LoadedModel) -> nn.Module | None:
+    """The backbone's one rotary-embedding module (its output, ``(cos, sin)``, is what every block's
+    attention receives), or None: then each block's attention call is read instead."""
+    rotary = getattr(lm.backbone, "rotary_emb", None)
+    return rotary if isinstance(rotary, nn.Module) else None
+
+
 def parameter_count(n_tokens: int, d_model: int, n_heads: int, n_layers: int, start: int) -> int:
     """``N * d + n_heads * (n_layers - start)``."""
     return n_tokens * d_model + n_heads * (n_layers - start)
@@ -153,13 +160,18 @@ class ResolvedAligner:
     token_indices: list[int] = field(default_factory=list)
     condition: Any = None
 
+    rotary: nn.Module | None = None  # the model's shared rotary-embedding module, when it has one
+
     def __post_init__(self) -> None:
         self._stash = _Stash()
         self._kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         n = self.tokens.shape[0]
+        if n > 1 and self.rotary is not None:  # one hook reads (cos, sin) for every block
+            self.torch_hooks.append(TorchHook(self.rotary, "post", self._shared_rope_hook))
         for layer, lay in self.layouts.items():
             if n > 1:  # with one prefix token its softmax is 1 whatever the query: no query needed
-                self.torch_hooks.append(TorchHook(lay.attn, "pre", self._rope_hook(layer)))
+                if self.rotary is None:
+                    self.torch_hooks.append(TorchHook(lay.attn, "pre", self._rope_hook(layer)))
                 self.torch_hooks.append(TorchHook(lay.q, "post", self._query_hook(layer)))
             self.torch_hooks.append(TorchHook(lay.o, "pre", self._output_hook(layer)))
 
@@ -183,6 +195,9 @@ class ResolvedAligner:
             self._stash.rope[layer] = pe
 
         return fn
+
+    def _shared_rope_hook(self, _m: Any, _a: Any, _k: Any, out: Any, mask: Any) -> None:
+        self._stash.rope[-1] = out
 
     def _query_hook(self, layer: int) -> Any:
         def fn(_m: Any, _args: Any, _kwargs: Any, out: torch.Tensor, mask: Any) -> None:
@@ -221,7 +236,11 @@ class ResolvedAligner:
                 o = (v[:, 0, :] * gate.unsqueeze(-1)).expand(b, t, lay.n_heads, lay.head_dim)
             else:
                 q = self._stash.q.pop(layer).view(b, t, lay.n_heads, lay.head_dim).float()
-                cos, sin = self._stash.rope.pop(layer)
+                cos, sin = (
+                    self._stash.rope.pop(layer)
+                    if layer in self._stash.rope
+                    else self._stash.rope[-1]
+                )
                 cos = cos.float().unsqueeze(2)  # [B, T, 1, hd]
                 sin = sin.float().unsqueeze(2)
                 q = q * cos + _rotate_half(q) * sin
@@ -330,7 +349,13 @@ class Aligner:
         if not (torch.isfinite(self.tokens).all() and torch.isfinite(self.gates).all()):
             raise ValueError(f"Aligner {self.name!r} holds NaN or infinite values")
         dev = layouts[self.start_layer].k.weight.device
-        return ResolvedAligner(self.tokens.to(dev), self.gates.to(dev), layouts, self.start_layer)
+        return ResolvedAligner(
+            self.tokens.to(dev),
+            self.gates.to(dev),
+            layouts,
+            self.start_layer,
+            rotary=shared_rotary(lm),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

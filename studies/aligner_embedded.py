@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=48)
     ap.add_argument("--held", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--facts-epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--beta", type=float, default=None, help="value: DPO's beta (default: the run's)")
     ap.add_argument("--lora-lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-vector", action="store_true")
@@ -67,9 +69,10 @@ def main() -> None:
             n_tokens=args.n_tokens,
             train=args.train,
             held=args.held,
-            epochs=args.epochs if task != "facts" else max(args.epochs, 8),
+            epochs=args.epochs if task != "facts" else args.facts_epochs,
             lr=args.lr,
             lora_lr=args.lora_lr,
+            **({"beta": args.beta} if args.beta is not None else {}),
             seed=args.seed,
             compare_vector=not args.no_vector,
             compare_lora=not args.no_lora,

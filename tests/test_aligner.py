@@ -95,9 +95,18 @@ def _reference_attn_delta(lm: LoadedModel, al: Aligner, layer: int, x_in: torch.
     return out.reshape(b, t, -1)
 
 
+@pytest.mark.parametrize("rope", ["shared", "per_block"])
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("which", ["gqa", "mha"])
-def test_prefix_attention_matches_a_per_head_reference(tiny_lm, mha_lm, n, which):
+def test_prefix_attention_matches_a_per_head_reference(
+    tiny_lm, mha_lm, n, which, rope, monkeypatch
+):
+    """Both ways of reading the rotary embedding: one hook on the backbone's rotary module, or (for a
+    model without one) a hook on each block's attention call."""
+    import steering.aligner as aligner_mod
+
+    if rope == "per_block":
+        monkeypatch.setattr(aligner_mod, "shared_rotary", lambda lm: None)
     lm = tiny_lm if which == "gqa" else mha_lm
     al = _trained_like(lm, n, start=1)
     inputs = {"input_ids": lm.tokenizer(["one two three four"], return_tensors="pt")["input_ids"]}
