@@ -50,7 +50,9 @@ def add_parser(
     t.add_argument("--start-layer", type=int, default=2)
     t.add_argument("--train", type=positive_int, default=48)
     t.add_argument("--held", type=positive_int, default=48)
-    t.add_argument("--epochs", type=positive_int, default=3)
+    t.add_argument(
+        "--epochs", type=positive_int, default=None, help="default: the task's (form 3, value 2)"
+    )
     t.add_argument("--lr", type=float, default=None, help="default: the task's (1e-2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-vector", action="store_true", help="skip the steering-vector comparison")
@@ -113,7 +115,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any], fla
         from steering.aligner_train import TrainConfig, train_aligner
 
         data, kind = own
-        cfg = TrainConfig(objective=kind, lr=args.lr or 1e-2, epochs=args.epochs, seed=args.seed)
+        cfg = TrainConfig(
+            objective=kind, lr=args.lr or 1e-2, epochs=args.epochs or 3, seed=args.seed
+        )
         al, res = train_aligner(
             lm, data, n_tokens=args.n_tokens, start_layer=args.start_layer, config=cfg
         )

@@ -49,10 +49,11 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=1)
     ap.add_argument("--train", type=int, default=48)
     ap.add_argument("--held", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--facts-epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the task's (3, 2, 15)")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--beta", type=float, default=None, help="value: DPO's beta (default: the run's)")
+    ap.add_argument(
+        "--beta", type=float, default=None, help="value: DPO's beta (default: the run's)"
+    )
     ap.add_argument("--lora-lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-vector", action="store_true")
@@ -69,7 +70,7 @@ def main() -> None:
             n_tokens=args.n_tokens,
             train=args.train,
             held=args.held,
-            epochs=args.epochs if task != "facts" else args.facts_epochs,
+            epochs=args.epochs,
             lr=args.lr,
             lora_lr=args.lora_lr,
             **({"beta": args.beta} if args.beta is not None else {}),

@@ -52,7 +52,12 @@ VALUE_SOURCES = ("caa:refusal", "caa:hallucination")
 OBJECTIVE = {"form": "sft", "value": "dpo", "facts": "sft"}
 # measured on the embedded model (studies/aligner_embedded.py): see the README's Aligner paragraph
 DEFAULT_LR = {"form": 1e-2, "value": 1e-2, "facts": 1e-2}
-DEFAULT_LORA_LR = {"form": 1e-3, "value": 1e-3, "facts": 2e-3}
+DEFAULT_LORA_LR = {"form": 1e-3, "value": 1e-3, "facts": 5e-3}
+DEFAULT_EPOCHS = {"form": 3, "value": 2, "facts": 15}
+# value (DPO), N=1, 96 training pairs, 2 epochs, lr 1e-2: beta 0.1 raised the held-out margin by +36.3
+# at KL 1.05 and perplexity x4.10 on neutral text; beta 0.5: +10.4 at KL 0.18, x1.32; beta 1.0: +7.8
+# at KL 0.13, x1.22. The default is the cheapest of the three
+DEFAULT_BETA = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class AlignerRun:
     train: int = 48  # form: questions; value: pairs per source; facts: ignored (all 24 facts)
     held: int = 48  # form: questions; value: pairs per source
     lr: float | None = None  # None: DEFAULT_LR of the task
-    epochs: int = 3
+    epochs: int | None = None  # None: DEFAULT_EPOCHS of the task
     batch_size: int = 8
     seed: int = 0
     answer_tokens: int = 24  # form: length of the model's own answers behind the phrase
@@ -73,13 +78,19 @@ class AlignerRun:
     lora_first_layer: int = 0  # the LoRA covers q/v of blocks lora_first_layer..last
     lora_lr: float | None = None
     sources: tuple[str, ...] = VALUE_SOURCES  # value: preference pairs (caa:<behaviour> or JSONL)
-    beta: float = 0.1  # value: DPO's temperature
+    beta: float = DEFAULT_BETA  # value: DPO's temperature
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
-        if self.train < 2 or self.held < 1 or self.epochs < 1 or self.n_tokens < 1:
-            raise ValueError("train >= 2, held >= 1, epochs >= 1 and n_tokens >= 1")
+        if self.train < 2 or self.held < 1 or self.n_tokens < 1:
+            raise ValueError("train >= 2, held >= 1 and n_tokens >= 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1; got {self.epochs}")
+
+    @property
+    def n_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.task]
 
     @property
     def learning_rate(self) -> float:
@@ -241,7 +252,7 @@ def run_aligner(
     cfg = TrainConfig(
         objective=OBJECTIVE[run.task],
         lr=run.learning_rate,
-        epochs=run.epochs,
+        epochs=run.n_epochs,
         batch_size=run.batch_size,
         held_out=held_share,
         beta=run.beta,
@@ -250,7 +261,7 @@ def run_aligner(
     lora_cfg = TrainConfig(
         objective=cfg.objective,
         lr=run.lora_learning_rate,
-        epochs=run.epochs,
+        epochs=run.n_epochs,
         batch_size=run.batch_size,
         held_out=held_share,
         beta=run.beta,
