@@ -25,7 +25,6 @@ Anything else is refused with an error that names what is missing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -133,9 +132,28 @@ def parameter_count(n_tokens: int, d_model: int, n_heads: int, n_layers: int, st
     return n_tokens * d_model + n_heads * (n_layers - start)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+SMALL_CALL = 64  # rows x tokens at or under which the rotation is one matmul (decoding)
+
+
+def _rope_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the output hooks need of the rotary embedding, once per forward call: ``(cos', sin')``
+    ``[B, T, 1, head_dim]`` float32 such that ``q * cos' + q.roll(head_dim // 2, -1) * sin'`` is the
+    rotary embedding of ``q`` ``[B, T, H, head_dim]`` divided by sqrt(head_dim) (attention's scale):
+    Llama's ``rotate_half(q) = cat(-q2, q1)`` is the rolled ``q`` with its first half negated, so the
+    sign and the scale go into the factors. For small calls (decoding one token per row) also the same
+    map as matrices ``[B*T, head_dim, head_dim]`` (``q @ R``): one matmul per block instead of three
+    elementwise operations."""
+    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+    d = sin.shape[-1]
+    scale = torch.full((d,), d**-0.5, device=sin.device)
+    scale[: d // 2] *= -1
+    cos, sin = cos * d**-0.5, sin * scale
+    b, t = cos.shape[0], cos.shape[1]
+    if b * t > SMALL_CALL:
+        return cos, sin
+    c, sn = cos.reshape(b * t, d), sin.reshape(b * t, d)
+    rot = torch.diag_embed(c) + torch.diag_embed(sn).roll(-(d // 2), dims=-2)
+    return cos, sin, rot
 
 
 class _Stash(threading.local):
@@ -192,12 +210,12 @@ class ResolvedAligner:
                     f"block {layer}'s attention was called without position_embeddings (cos, sin): "
                     "this transformers version's Llama attention is not supported"
                 )
-            self._stash.rope[layer] = pe
+            self._stash.rope[layer] = _rope_factors(*pe)
 
         return fn
 
     def _shared_rope_hook(self, _m: Any, _a: Any, _k: Any, out: Any, mask: Any) -> None:
-        self._stash.rope[-1] = out
+        self._stash.rope[-1] = _rope_factors(*out)
 
     def _query_hook(self, layer: int) -> Any:
         def fn(_m: Any, _args: Any, _kwargs: Any, out: torch.Tensor, mask: Any) -> None:
@@ -205,9 +223,11 @@ class ResolvedAligner:
 
         return fn
 
-    def _prefix_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[H, N, head_dim]`` keys and values of the prefix at ``layer`` (float32)."""
-        grad = torch.is_grad_enabled() and self.tokens.requires_grad
+    def _prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix at ``layer`` as the output hook uses it (float32): keys ``[H, N, head_dim]``
+        and values ``[H, N, head_dim]`` already times the gates.
+        Cached unless the tokens or gates are being trained."""
+        grad = torch.is_grad_enabled() and (self.tokens.requires_grad or self.gates.requires_grad)
         if not grad and layer in self._kv_cache:
             return self._kv_cache[layer]
         lay = self.layouts[layer]
@@ -218,37 +238,52 @@ class ResolvedAligner:
         group = lay.n_heads // lay.n_kv_heads
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, N, hd]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        gate = self.gates[layer - self.start].to(v.device).float()
+        v = v * gate.view(-1, 1, 1)
         if not grad:
             self._kv_cache[layer] = (k, v)
         return k, v
 
     def _output_hook(self, layer: int) -> Any:
         lay = self.layouts[layer]
-        scale = 1.0 / math.sqrt(lay.head_dim)
-        gate_row = layer - self.start
+        h, hd = lay.n_heads, lay.head_dim
 
         def fn(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mask: Any) -> Any:
             x = args[0] if args else kwargs["input"]
             b, t, _ = x.shape
-            k, v = self._prefix_kv(layer)
-            gate = self.gates[gate_row].to(x.device).float()  # [H]
-            if k.shape[1] == 1:
-                o = (v[:, 0, :] * gate.unsqueeze(-1)).expand(b, t, lay.n_heads, lay.head_dim)
+            k, v = self._prefix(layer)
+            keep = None if mask is None else mask.to(torch.float32)  # [B, T]: 1 = act, 0 = keep x
+            if k.shape[1] == 1:  # one prefix token: its softmax weight is 1 for every query
+                o = v.reshape(1, 1, h * hd)
+                if keep is not None:
+                    o = o * keep.unsqueeze(-1)
+                new = x + (o if o.dtype == x.dtype else o.to(x.dtype))
             else:
-                q = self._stash.q.pop(layer).view(b, t, lay.n_heads, lay.head_dim).float()
-                cos, sin = (
-                    self._stash.rope.pop(layer)
-                    if layer in self._stash.rope
-                    else self._stash.rope[-1]
-                )
-                cos = cos.float().unsqueeze(2)  # [B, T, 1, hd]
-                sin = sin.float().unsqueeze(2)
-                q = q * cos + _rotate_half(q) * sin
-                p = torch.einsum("bthd,hnd->bhtn", q, k).mul(scale).softmax(-1)
-                o = torch.einsum("bhtn,hnd->bthd", p, v) * gate.view(1, 1, -1, 1)
-            new = x + o.reshape(b, t, -1).to(x.dtype)
-            if mask is not None:
-                new = torch.where(mask.unsqueeze(-1), new, x)
+                q = self._stash.q.pop(layer).view(b, t, h, hd)
+                rope = self._stash.rope.pop(layer, None) or self._stash.rope[-1]
+                if q.dtype != torch.float32:
+                    q = q.float()
+                if (
+                    len(rope) == 3 and rope[2].shape[0] == b * t
+                ):  # small call: q @ R, [BT, H, 1, hd]
+                    q = torch.matmul(q.view(b * t, h, hd), rope[2]).unsqueeze(2)
+                    p = torch.matmul(q, k.transpose(1, 2)).softmax(-1)  # [BT, H, 1, N]
+                    if keep is not None:
+                        p = p * keep.view(b * t, 1, 1, 1)
+                    o = torch.matmul(p, v).view(b, t, h * hd)
+                    new = x + (o if o.dtype == x.dtype else o.to(x.dtype))
+                else:
+                    cos, sin = rope[0], rope[1]
+                    # the rotary embedding and 1/sqrt(head_dim), folded into cos and sin
+                    q = torch.addcmul(q * cos, q.roll(hd // 2, -1), sin).transpose(1, 2)
+                    # a softmax over the prefix tokens only (no mask: every query sees all of them)
+                    p = torch.matmul(q, k.transpose(1, 2)).softmax(-1)  # [B, H, T, N]
+                    if keep is not None:  # tokens outside the mask get nothing added (x + 0)
+                        p = p * keep.view(b, 1, t, 1)
+                    o = torch.matmul(p, v).transpose(1, 2)  # [B, T, H, hd], strided
+                    if o.dtype != x.dtype:
+                        o = o.to(x.dtype)
+                    new = (x.reshape(b, t, h, hd) + o).reshape(b, t, h * hd)
             if args:
                 return ((new, *args[1:]), kwargs)
             return (args, {**kwargs, "input": new})

@@ -291,3 +291,31 @@ def test_bad_inputs(tiny_lm):
     with pytest.raises(ValueError, match="do not fit"):
         with steer(tiny_lm, al2):
             pass
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_padding_is_never_changed(tiny_lm, n):
+    """Left padding: the pad positions' states are exactly the base model's (the Aligner adds zero
+    there), and the real tokens' logits equal those of the unpadded row."""
+    al = _trained_like(tiny_lm, n, start=1)
+    tok = tiny_lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(
+            ["a much longer first row of text here", "short"], return_tensors="pt", padding=True
+        )
+    finally:
+        tok.padding_side = side
+    pads = enc["attention_mask"] == 0
+    assert pads.any()
+    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        base = tiny_lm.model(**enc, output_hidden_states=True).hidden_states
+        with steer(tiny_lm, al):
+            out = tiny_lm.model(**enc, output_hidden_states=True)
+            alone = tiny_lm.model(**tok(["short"], return_tensors="pt")).logits
+    for hb, ha in zip(base, out.hidden_states, strict=True):
+        assert torch.equal(hb[pads], ha[pads])
+    n_real = int((~pads[1]).sum())
+    torch.testing.assert_close(out.logits[1, -n_real:], alone[0], atol=1e-4, rtol=1e-4)
