@@ -161,7 +161,7 @@ class _Stash(threading.local):
 
     def __init__(self) -> None:
         self.q: dict[int, torch.Tensor] = {}
-        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope: dict[int, tuple[torch.Tensor, ...]] = {}
 
 
 @dataclass
