@@ -95,18 +95,21 @@ def _reference_attn_delta(lm: LoadedModel, al: Aligner, layer: int, x_in: torch.
     return out.reshape(b, t, -1)
 
 
+@pytest.mark.parametrize("path", ["matrix", "elementwise"])
 @pytest.mark.parametrize("rope", ["shared", "per_block"])
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("which", ["gqa", "mha"])
 def test_prefix_attention_matches_a_per_head_reference(
-    tiny_lm, mha_lm, n, which, rope, monkeypatch
+    tiny_lm, mha_lm, n, which, rope, path, monkeypatch
 ):
-    """Both ways of reading the rotary embedding: one hook on the backbone's rotary module, or (for a
-    model without one) a hook on each block's attention call."""
+    """Both ways of reading the rotary embedding (one hook on the backbone's rotary module, or, for a
+    model without one, a hook on each block's attention call) and both ways of applying it (a matrix
+    per token for small calls, elementwise otherwise)."""
     import steering.aligner as aligner_mod
 
     if rope == "per_block":
         monkeypatch.setattr(aligner_mod, "shared_rotary", lambda lm: None)
+    monkeypatch.setattr(aligner_mod, "SMALL_CALL", 10_000 if path == "matrix" else 0)
     lm = tiny_lm if which == "gqa" else mha_lm
     al = _trained_like(lm, n, start=1)
     inputs = {"input_ids": lm.tokenizer(["one two three four"], return_tensors="pt")["input_ids"]}
