@@ -88,9 +88,11 @@ class TrainResult:
     n_held_out: int = 0
 
     def summary(self) -> dict[str, Any]:
+        """The figures without the history; a loss that was not measured (no held-out split) is None,
+        so the summary writes as strict JSON."""
         out = asdict(self)
         out.pop("history")
-        return out
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
 def _split(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:

@@ -313,12 +313,35 @@ def test_padding_is_never_changed(tiny_lm, n):
     pads = enc["attention_mask"] == 0
     assert pads.any()
     enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        base = tiny_lm.model(**enc, output_hidden_states=True).hidden_states
-        with steer(tiny_lm, al):
-            out = tiny_lm.model(**enc, output_hidden_states=True)
-            alone = tiny_lm.model(**tok(["short"], return_tensors="pt")).logits
-    for hb, ha in zip(base, out.hidden_states, strict=True):
+
+    def states(intervention=None):
+        """Every block's output (own hooks, removed after: output_hidden_states would make
+        transformers keep recorder hooks on the shared fixture model)."""
+        seen: list[torch.Tensor] = []
+        handles = [
+            block.register_forward_hook(
+                lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for block in tiny_lm.layers
+        ]
+        try:
+            with torch.inference_mode():
+                if intervention is None:
+                    logits = tiny_lm.model(**enc).logits
+                else:
+                    with steer(tiny_lm, intervention):
+                        logits = tiny_lm.model(**enc).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, logits
+
+    base, _ = states()
+    hs, logits = states(al)
+    with torch.inference_mode(), steer(tiny_lm, al):
+        alone = tiny_lm.model(**tok(["short"], return_tensors="pt")).logits
+    assert len(hs) == tiny_lm.n_layers
+    for hb, ha in zip(base, hs, strict=True):
         assert torch.equal(hb[pads], ha[pads])
     n_real = int((~pads[1]).sum())
-    torch.testing.assert_close(out.logits[1, -n_real:], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1, -n_real:], alone[0], atol=1e-4, rtol=1e-4)

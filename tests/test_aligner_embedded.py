@@ -1,5 +1,6 @@
 """Aligner global tokens on the embedded model, small enough for CI: one token (828 parameters) learns
-the form task (open every answer with a fixed phrase) on held-out questions, and DPO on refusal pairs
+the form task (open every answer with a fixed phrase) on held-out questions (32 training questions and
+3 epochs, 12 steps, gave 0.34 [0.19, 0.50]: too few; 48 and 4 epochs give 20 steps), and DPO on refusal pairs
 raises the held-out preference margin with a paired bootstrap interval above 0. The study-size figures
 (and the form-vs-knowledge contrast with a LoRA) come from ``studies/aligner_embedded.py`` (issue 16's
 note)."""
@@ -18,9 +19,9 @@ def test_one_token_learns_the_form_task_on_held_out_questions(embedded_lm, tmp_p
     run = AlignerRun(
         task="form",
         n_tokens=1,
-        train=32,
+        train=48,
         held=32,
-        epochs=3,
+        epochs=4,
         compare_vector=False,
         compare_lora=False,
     )

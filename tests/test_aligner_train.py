@@ -4,6 +4,8 @@ parameters, and the artifact records how it was trained."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -100,6 +102,10 @@ def test_progress_callback_and_max_steps(tiny_lm):
         on_step=lambda *a: seen.append(a),
     )
     assert res.steps == 3 and [s[0] for s in seen] == [1, 2, 3] and all(s[1] == 3 for s in seen)
+    # no held-out split: the summary says so with None, and writes as strict JSON
+    summary = res.summary()
+    assert summary["initial_held_out"] is None and summary["best_held_out"] is None
+    json.dumps(summary, allow_nan=False)
 
 
 def test_bad_training_input(tiny_lm):

@@ -267,7 +267,9 @@ def run_aligner(
         beta=run.beta,
         seed=run.seed,
     )
-    result: dict[str, Any] = {"run": asdict(run), "model": lm.identity.name, "layer": layer}
+    # the settings as JSON has them (tuples as lists), so a saved result reads back equal
+    settings = json.loads(json.dumps(asdict(run)))
+    result: dict[str, Any] = {"run": settings, "model": lm.identity.name, "layer": layer}
     result["base"] = {"neutral_perplexity": base_ppl}
 
     def costs_of(x: Any) -> dict[str, float]:
