@@ -472,6 +472,12 @@ def cmd_aligner(args: argparse.Namespace) -> int:
     return cli_aligner.run(args, _load, _flag)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from repe import cli_study
+
+    return cli_study.run(args)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """Replace this process by the Streamlit server (so stopping it stops the server)."""
     import os
@@ -704,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     from repe import cli_aligner
 
     cli_aligner.add_parser(sub, _add_model_args, _positive_int, cmd_aligner)
+    from repe import cli_study
+
+    cli_study.add_parser(sub, _add_model_args, _positive_int, cmd_study)
     return ap
 
 
