@@ -87,8 +87,9 @@ def score(lm: LoadedModel, items: list[CAAItem], build: Callable[..., str], spac
     return ABResult(mean, mean, len(out), out, float("nan"), sum(x > 0.5 for x in out) / len(out))
 
 
-def study() -> str:
-    lm = load_model()
+def study(lm: LoadedModel | None = None) -> str:
+    """The report (markdown); ``lm`` defaults to the embedded model."""
+    lm = lm if lm is not None else load_model()
     items = load_ab_control()
     lines = [
         "# Does any prompt format make the embedded model read A/B options?",

@@ -39,7 +39,7 @@ from probes.cloze import cloze_direction  # noqa: E402
 from repe.atomic import write_text  # noqa: E402
 from repe.datasets import load_neutral  # noqa: E402
 from repe.datasets.caa import caa_split  # noqa: E402
-from repe.models import load_model  # noqa: E402
+from repe.models import LoadedModel, load_model  # noqa: E402
 from steering import SteeringSpec  # noqa: E402
 from steering.evaluation.ab import ab_eval_specs, paired_shift, stratified_sample  # noqa: E402
 from steering.evaluation.cloze import cloze_eval_specs  # noqa: E402
@@ -49,8 +49,9 @@ from steering.evaluation.costs import NeutralCosts  # noqa: E402
 BEHAVIOURS = ("myopic-reward", "refusal", "coordinate-other-ais")
 
 
-def study(args: argparse.Namespace) -> str:
-    lm = load_model()
+def study(args: argparse.Namespace, lm: LoadedModel | None = None) -> str:
+    """The report (markdown); ``lm`` defaults to the embedded model."""
+    lm = lm if lm is not None else load_model()
     control = ab_control(lm)
     cloze = args.form == "cloze"
     scored = (
