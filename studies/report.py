@@ -136,7 +136,6 @@ def render(run_dir: Path, plotlyjs: str = "inline") -> str:
             )
         )
     )
-    first_fig = True
     for sid, info in infos.items():
         parts.append(
             f"<h2 id='step-{html.escape(sid)}'>{html.escape(sid)} <span class='muted'>({html.escape(info['kind'])})</span></h2>"
@@ -152,14 +151,12 @@ def render(run_dir: Path, plotlyjs: str = "inline") -> str:
                 parts.append(
                     fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{sid}-{name}")
                 )
-                first_fig = False
         for title, fragment in info.get("html", []):
             parts.append(f"<h3>{html.escape(title)}</h3>{fragment}")
         if info.get("n_samples"):
             parts.append(
                 f"<p class='muted'>{info['n_samples']} per-sample rows in <code>samples/{html.escape(sid)}.jsonl</code></p>"
             )
-    del first_fig
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -294,6 +294,7 @@ def _layer_figure(rows: list[dict[str, Any]], title: str) -> Any:
     fig.update_layout(
         title=f"Held-out accuracy by layer: {title}",
         xaxis_title="block",
+        xaxis={"dtick": 1} if len({r["layer"] for r in rows}) <= 12 else {},
         yaxis_title="held-out accuracy",
         yaxis_range=[0, 1.02],
         height=420,
