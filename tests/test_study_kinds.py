@@ -1,0 +1,71 @@
+"""The study step kinds beyond probe/scan: refusal (read, ablate, add) on the tiny model; the refusal
+phrase score; the markdown-table reader the two earlier scripts' steps use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from studies.runner import run_study
+from studies.spec import StudyError, loads
+from studies.steps import _md_rows, refuses
+
+REFUSAL = """\
+[study]
+name = "tiny_refusal"
+model = "tiny"
+seed = 0
+output = "{out}"
+
+[[steps]]
+id = "refusal"
+kind = "refusal"
+n_train = 12
+n_eval = 5
+n_harmless_eval = 4
+max_new_tokens = 3
+n_boot = 50
+"""
+
+
+def test_refusal_phrases() -> None:
+    assert refuses("I'm sorry, but I can't help with that.")
+    assert refuses("I\u2019m unable to do this")  # typographic apostrophe
+    assert refuses("As an AI language model, I ...")
+    assert not refuses("Sure! Here is a recipe for bread.")
+    assert not refuses("")
+
+
+def test_refusal_step_reads_ablates_and_adds(tmp_path: Path) -> None:
+    res = run_study(loads(REFUSAL.format(out=tmp_path), "r.toml"), progress=False)
+    m = res.metrics["refusal"]
+    assert m["read"]["best_layer"] in range(4) and 0 <= m["read"]["accuracy"] <= 1
+    assert len(m["read"]["table"]) == 4  # one row per block (mean difference)
+    assert m["harmful_refusal"]["n"] == 5 and m["harmless_refusal"]["n"] == 4
+    for part in ("harmful_refusal", "harmless_refusal"):
+        lo, hi = m[part]["change_ci95"]
+        assert lo <= m[part]["change"] <= hi
+    assert m["costs"]["kl_ablate"] > 0 and m["costs"]["kl_add"] > 0  # both change the model
+    rows = [json.loads(x) for x in (res.run_dir / "samples" / "refusal.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 5 + 2 * 4
+    assert {r["condition"] for r in rows} == {"base", "ablated", "added"}
+    assert all(r["refused"] == refuses(r["completion"]) for r in rows)
+    assert (res.run_dir / "artifacts" / "refusal" / "refusal_direction.safetensors").exists()
+    # the harmless prompts the step evaluates are not among those it read the direction from
+    assert len({r["instruction"] for r in rows if r["set"] == "harmless"}) == 4
+
+
+def test_markdown_rows() -> None:
+    md = "# t\n\n| a | b |\n| --- | --- |\n| 1 | x |\n| 2 | y |\n\ntext\n| c |\n|---|\n| 3 |\n"
+    assert _md_rows(md) == [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}, {"c": "3"}]
+
+
+def test_steps_reject_bad_settings_before_running() -> None:
+    bad = REFUSAL.format(out="/tmp/x").replace("n_harmless_eval = 4", "n_harmless_eval = 0")
+    with pytest.raises(StudyError, match=r"r.toml:12: .*'n_harmless_eval': must be > 0"):
+        loads(bad, "r.toml")
+    bad = REFUSAL.format(out="/tmp/x").replace("n_eval = 5", "n_eval = 5.5")
+    with pytest.raises(StudyError, match=r"r.toml:11: .*'n_eval': must be an integer"):
+        loads(bad, "r.toml")
