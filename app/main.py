@@ -16,7 +16,7 @@ import streamlit as st  # noqa: E402
 
 from app import nav, workspace  # noqa: E402
 from app.state import get_state  # noqa: E402
-from app.views import aligner, export, model_data, rahf, read, steer, valuemap  # noqa: E402
+from app.views import aligner, export, model_data, rahf, read, steer, studies, valuemap  # noqa: E402
 
 
 def main() -> None:
@@ -29,8 +29,9 @@ def main() -> None:
         st.Page(valuemap.render, title="Value map", url_path="valuemap"),
         st.Page(rahf.render, title="RAHF adapter", url_path="rahf"),
         st.Page(aligner.render, title="Aligner tokens", url_path="aligner"),
+        st.Page(studies.render, title="Studies", url_path="studies"),
     ]
-    names = ("model", "read", "steer", "export", "valuemap", "rahf", "aligner")
+    names = ("model", "read", "steer", "export", "valuemap", "rahf", "aligner", "studies")
     nav.PAGES.update(zip(names, pages, strict=True))
     current = st.navigation(pages)
     nav.follow()

@@ -3,6 +3,8 @@
 * ``repe`` (the core) depends on no other package of the workbench (the command line, ``cli.py`` and
   ``cli_*.py``, excepted: it is the front door to all of them, and imports them lazily);
 * ``probes`` (readers) never imports ``steering`` or ``app``;
+* ``app`` (a shell) never imports ``studies`` (another shell): the Studies page reads run folders as
+  files;
 * ``steering``'s own modules and its exporters change a running model: they read no data sets and build no
   vectors (no ``repe.datasets``, no ``probes``, no ``steering.evaluation``); measuring behaviour lives in the
   ``steering.evaluation`` sub-package.
@@ -51,6 +53,10 @@ def test_the_core_depends_on_no_other_package() -> None:
 
 def test_readers_never_import_steering() -> None:
     assert offending(py("probes"), ("steering", "app", "studies")) == {}
+
+
+def test_the_app_never_imports_studies() -> None:
+    assert offending(py("app"), ("studies",)) == {}
 
 
 def test_steering_proper_reads_no_data_and_builds_no_vectors() -> None:
