@@ -18,6 +18,7 @@ PACKAGE_DATA = Path(repe.__file__).resolve().parent / "data"
 FOLDERS = (
     "ab_control",
     "anthropic_persona",
+    "behaviour_prompts",
     "caa",
     "control_questions",
     "ethics",

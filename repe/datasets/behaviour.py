@@ -6,6 +6,7 @@ Pair builders take ``chat``: ``True`` gives conversations (rendered later by ``r
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,32 @@ def load_ab_control() -> list[CAAItem]:
     :func:`steering.evaluation.control.ab_control`. Written for this project (``repe/data/ab_control``).
     """
     return _read_caa_items(data_path("ab_control", "easy_ab.json"))
+
+
+def load_behaviour_prompts() -> dict[str, dict[str, str]]:
+    """Two system prompts per CAA behaviour (``CAA_BEHAVIOURS``): ``"toward"`` asks for the behaviour
+    (the answer CAA marks as matching it), ``"away"`` for its opposite. Written for this project
+    (``repe/data/behaviour_prompts``) as the prompting baselines steering is compared with
+    (:mod:`steering.evaluation.prompting`)."""
+    path = data_path("behaviour_prompts", "prompts.json")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict) or set(d) != set(CAA_BEHAVIOURS):
+        raise DataFormatError(
+            f"{path}: expected an object with one entry per CAA behaviour {sorted(CAA_BEHAVIOURS)}"
+        )
+    for name, v in d.items():
+        if (
+            not isinstance(v, dict)
+            or set(v) != {"toward", "away"}
+            or not all(isinstance(t, str) and t.strip() for t in v.values())
+        ):
+            raise DataFormatError(
+                f"{path}: {name!r} must be an object with non-empty 'toward' and 'away' texts"
+            )
+    return {name: {"toward": d[name]["toward"], "away": d[name]["away"]} for name in CAA_BEHAVIOURS}
 
 
 def _open_answer(answer: str) -> str:

@@ -6,6 +6,9 @@
 * The cost: how far steering moves the model on neutral text — mean ``KL(base || steered)`` of the
   next-token distributions over every real token (:func:`kl_from_base`) and the perplexity
   (:func:`perplexity`).
+* A prompt in front of the question: ``context`` (a system message and/or earlier user / assistant turns)
+  goes before every item's user turn, e.g. to compare steering with prompting
+  (:mod:`steering.evaluation.prompting`); ``None`` leaves the prompts as they are.
 
 Every prompt runs as two passes: the question (KV cache), then the opened answer ``"("``. A spec that
 steers only the assistant turn (``positions="assistant"``, as CAA does) leaves the question untouched,
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 
 from repe.batching import Encoded, TokenBatch, encode, make_batch
-from repe.chat import messages
+from repe.chat import Message, messages
 from repe.datasets import CAAItem
 from repe.datasets.caa import answer_letter, caa_split
 from repe.kvcache import cache_kwargs, crop_cache
@@ -67,6 +70,7 @@ class ABResult:
     form: str = (
         "ab"  # "ab": the answer letter; "cloze": the answer text (steering.evaluation.cloze)
     )
+    context: list[dict[str, str]] | None = None  # the messages before each item's user turn
 
     def __str__(self) -> str:
         return (
@@ -74,6 +78,58 @@ class ABResult:
             f"over {self.n_items} items (letter mass {self.letter_mass:.3f}, accuracy "
             f"{self.accuracy:.3f})"
         )
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def check_context(context: Any) -> list[Message]:
+    """A validated copy of ``context``: chat messages (``{"role", "content"}``) to put before an item's
+    user turn — an optional first system message, then user / assistant turns that alternate, start
+    with a user turn and end with an assistant turn (the item's user turn follows). ``None`` -> ``[]``.
+    Anything else is refused with one line that says what is wrong."""
+    if context is None:
+        return []
+    if isinstance(context, (str, bytes, dict)) or not isinstance(context, Sequence):
+        raise ValueError(
+            f"context must be a list of {{'role', 'content'}} chat messages or None; got a "
+            f"{type(context).__name__}"
+        )
+    out: list[Message] = []
+    for i, m in enumerate(context):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            got = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise ValueError(
+                f"context message {i} must be a dict with exactly the keys 'role' and 'content'; "
+                f"got {got!r}"
+            )
+        role, content = m["role"], m["content"]
+        if role not in _ROLES:
+            raise ValueError(f"context message {i}: role must be one of {_ROLES}; got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(
+                f"context message {i}: content must be a string; got a {type(content).__name__}"
+            )
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out and out[0]["role"] == "system" else out
+    for j, m in enumerate(turns):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != want:
+            i = j + len(out) - len(turns)
+            where = (
+                "only the first message may be a system message"
+                if m["role"] == "system"
+                else "after an optional system message, turns must alternate user, assistant, ..."
+            )
+            raise ValueError(
+                f"context message {i}: expected a {want} turn, got {m['role']} ({where})"
+            )
+    if turns and turns[-1]["role"] != "assistant":
+        raise ValueError(
+            "context must end with an assistant turn (or be only a system message): the item's "
+            "user turn follows it"
+        )
+    return out
 
 
 def items_fingerprint(items: Sequence[CAAItem]) -> str:
@@ -86,18 +142,23 @@ def items_fingerprint(items: Sequence[CAAItem]) -> str:
 
 
 def letter_token_ids(
-    lm: LoadedModel, letters: Sequence[str] = ("A", "B"), *, question: str = "Which one?"
+    lm: LoadedModel,
+    letters: Sequence[str] = ("A", "B"),
+    *,
+    question: str = "Which one?",
+    context: Sequence[Message] | None = None,
 ) -> dict[str, int]:
     """The token id of each answer letter as it follows the opened answer ``"("`` under ``lm``'s chat
-    template: rendering the answer ``"(" + letter`` must add exactly one token to the rendering of
-    ``"("``, and that token must decode to the letter."""
+    template (after ``context``, see :func:`check_context`): rendering the answer ``"(" + letter`` must
+    add exactly one token to the rendering of ``"("``, and that token must decode to the letter."""
     tok = lm.tokenizer
-    base = encode(tok, [messages(question, assistant=ANSWER_OPENER)])[0].ids
+    pre = check_context(context)
+    base = encode(tok, [[*pre, *messages(question, assistant=ANSWER_OPENER)]])[0].ids
     out: dict[str, int] = {}
     for letter in letters:
         if not (isinstance(letter, str) and len(letter) == 1 and letter.isupper()):
             raise ValueError(f"letters must be single capital letters; got {letter!r}")
-        ids = encode(tok, [messages(question, assistant=ANSWER_OPENER + letter)])[0].ids
+        ids = encode(tok, [[*pre, *messages(question, assistant=ANSWER_OPENER + letter)]])[0].ids
         if len(ids) != len(base) + 1 or ids[: len(base)] != base:
             pieces = [tok.decode([t]) for t in ids[len(base) - 2 :]]
             raise ValueError(
@@ -189,9 +250,15 @@ class _ABBatch:
     suffix_len: int  # tokens of the opened answer (same for every row), 0 = no shared prefix
 
 
-def _ab_batches(lm: LoadedModel, items: list[CAAItem], batch_size: int) -> list[_ABBatch]:
+def _ab_batches(
+    lm: LoadedModel, items: list[CAAItem], batch_size: int, context: Sequence[Message] = ()
+) -> list[_ABBatch]:
+    """Each prompt (``context``, the question, the opened answer) tokenised, batched by length; the
+    shared suffix (the opened answer) is what a cached prompt pass leaves for the answer pass, so the
+    context is always part of the prompt pass."""
     encoded: list[Encoded] = encode(
-        lm.tokenizer, [messages(it.question, assistant=ANSWER_OPENER) for it in items]
+        lm.tokenizer,
+        [[*context, *messages(it.question, assistant=ANSWER_OPENER)] for it in items],
     )
     order = sorted(range(len(items)), key=lambda i: len(encoded[i].ids))  # less padding
     out = []
@@ -283,16 +350,19 @@ def ab_eval_specs(
     seed: int = 0,
     test_frac: float = 0.2,
     progress: Callable[[int, int], None] | None = None,
+    context: Sequence[Message] | None = None,
 ) -> list[ABResult]:
     """:func:`ab_eval` for several settings at once (``None`` = unsteered), one result per spec.
 
     ``progress(done, total)`` is called after each (batch, spec) pass, e.g. to drive a progress bar
-    (a UI can also stop the run by raising from it).
+    (a UI can also stop the run by raising from it). ``context``: chat messages put before every
+    item's user turn (:func:`check_context`; None = none, the prompts as they always were).
 
     Prompts are left-padded, batched by length, and run with explicit ``position_ids`` and
     ``attention_mask``. Specs that leave the prompt unsteered share one pass over the prompts (KV cache)
     and each adds only a forward over the opened answer.
     """
+    pre = check_context(context)
     behaviour, items = eval_items(items_or_behaviour, specs, n_items, batch_size, seed, test_frac)
     pairs = [
         (
@@ -304,13 +374,13 @@ def ab_eval_specs(
         for i, it in enumerate(items)
     ]
     letters = sorted({x for p in pairs for x in p})
-    token = letter_token_ids(lm, letters, question=items[0].question)
+    token = letter_token_ids(lm, letters, question=items[0].question, context=pre)
     letter_ids = torch.tensor([[token[a], token[b]] for a, b in pairs], dtype=torch.long)
     probs = torch.zeros((len(specs), len(items), 2), dtype=torch.float64)
     dev = lm.device
     from transformers import DynamicCache
 
-    ab_batches = _ab_batches(lm, items, batch_size)
+    ab_batches = _ab_batches(lm, items, batch_size, pre)
     total, done = len(ab_batches) * len(specs), 0
     for ab in ab_batches:
         b = ab.batch
@@ -370,6 +440,7 @@ def ab_eval_specs(
                 behaviour=behaviour,
                 spec=None if spec is None else spec.to_json(),
                 items_fingerprint=fp,
+                context=[dict(m) for m in pre] if context is not None else None,
             )
         )
     return out
@@ -384,6 +455,7 @@ def ab_eval(
     batch_size: int = 16,
     seed: int = 0,
     test_frac: float = 0.2,
+    context: Sequence[Message] | None = None,
 ) -> ABResult:
     """CAA's A/B evaluation: the mean probability of the behaviour-matching answer letter.
 
@@ -396,6 +468,8 @@ def ab_eval(
         n_items: evaluate at most this many items, sampled with ``seed`` and spread evenly over the
             matching letters (:func:`stratified_sample`; default: all).
         batch_size: prompts per forward pass.
+        context: chat messages before every item's user turn (a system prompt, few-shot turns; see
+            :func:`check_context`); None = none.
     """
     return ab_eval_specs(
         lm,
@@ -405,4 +479,5 @@ def ab_eval(
         batch_size=batch_size,
         seed=seed,
         test_frac=test_frac,
+        context=context,
     )[0]

@@ -18,11 +18,17 @@ import torch
 from torch import nn
 
 from repe.batching import Encoded, Inputs, encode, make_batch
-from repe.chat import messages
+from repe.chat import Message, messages
 from repe.datasets import CAAItem
 from repe.datasets.caa import cloze_items
 from repe.models import LoadedModel
-from steering.evaluation.ab import ABResult, _begin, eval_items, items_fingerprint
+from steering.evaluation.ab import (
+    ABResult,
+    _begin,
+    check_context,
+    eval_items,
+    items_fingerprint,
+)
 from steering.hooks import steer
 from steering.spec import SteeringSpec
 
@@ -62,16 +68,20 @@ def cloze_eval_specs(
     seed: int = 0,
     test_frac: float = 0.2,
     progress: Callable[[int, int], None] | None = None,
+    context: Sequence[Message] | None = None,
 ) -> list[ABResult]:
     """The cloze-form score of CAA items under each spec (``None`` = unsteered), one result per spec.
 
     Items and sampling as :func:`steering.evaluation.ab.ab_eval_specs` (a behaviour name means its held-out
     split). Per item: ``p_m / (p_m + p_o)`` with ``p`` the per-token geometric-mean probability of the
     answer text; ``letter_mass`` holds the mean ``p_m + p_o`` (how likely the answers are at all).
+    ``context``: chat messages put before every item's user turn (a system prompt, few-shot turns;
+    :func:`steering.evaluation.ab.check_context`); None = none, the prompts as they always were.
     """
+    pre = check_context(context)
     behaviour, items = eval_items(items_or_behaviour, specs, n_items, batch_size, seed, test_frac)
     cloze = cloze_items(items)
-    convs = [messages(c.stem, assistant=a) for c in cloze for a in (c.matching, c.other)]
+    convs = [[*pre, *messages(c.stem, assistant=a)] for c in cloze for a in (c.matching, c.other)]
     encoded: list[Encoded] = encode(lm.tokenizer, cast(Inputs, convs))
     for i, e in enumerate(encoded):
         if e.assistant_start is None or e.assistant_start >= len(e.ids) or e.assistant_start < 1:
@@ -122,6 +132,7 @@ def cloze_eval_specs(
                 spec=None if spec is None else spec.to_json(),
                 items_fingerprint=fp,
                 form="cloze",
+                context=[dict(m) for m in pre] if context is not None else None,
             )
         )
     return out

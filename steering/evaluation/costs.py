@@ -61,6 +61,11 @@ class NeutralCosts:
         self._batches = [b for _, b in batches(enc, self.batch_size, pad, "left")]
 
     @property
+    def batches(self) -> list[TokenBatch]:
+        """The neutral texts' token batches (left-padded), in the order :meth:`base` follows."""
+        return self._batches
+
+    @property
     def n_tokens(self) -> int:
         return sum(b.n_tokens for b in self._batches)
 
