@@ -711,7 +711,7 @@ def rerun(
 def list_runs(root: str | Path) -> list[dict[str, Any]]:
     """Every run record under ``root`` (searched to 3 levels), newest first."""
     base = Path(root)
-    out = []
+    out: list[dict[str, Any]] = []
     if not base.is_dir():
         return out
     for rec_path in base.glob("**/runs/*/record.json"):

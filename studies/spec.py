@@ -235,9 +235,7 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
                 f"unknown; allowed: {', '.join(STUDY_KEYS)}",
             )
     for key, p in STUDY_KEYS.items():
-        settings[key] = _value(
-            p, study, key, lambda msg, k=key: fail(("study", k), f"[study] key {k!r}", msg)
-        )
+        settings[key] = _value(p, study, key, _bind(fail, ("study", key), f"[study] key {key!r}"))
     if "name" not in study:
         raise fail(("study",), "[study]", "missing required key 'name'")
 
@@ -266,7 +264,7 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
             )
         seen[sid] = i
         kind_name = raw.get("kind")
-        if kind_name not in kinds:
+        if not isinstance(kind_name, str) or kind_name not in kinds:
             raise fail(
                 ("steps", i, "kind"),
                 f"{label} key 'kind'",
@@ -285,12 +283,7 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
         needs: list[str] = []
         for key, p in schema.items():
             params[key] = _value(
-                p,
-                raw,
-                key,
-                lambda msg, k=key, i=i, label=label: fail(
-                    ("steps", i, k), f"{label} key {k!r}", msg
-                ),
+                p, raw, key, _bind(fail, ("steps", i, key), f"{label} key {key!r}")
             )
             if p.ref and params[key]:
                 refs = [params[key]] if isinstance(params[key], str) else list(params[key])
@@ -343,7 +336,21 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
     )
 
 
-def _value(p: Param, table: Mapping[str, Any], key: str, fail: Callable[[str], StudyError]) -> Any:
+Fail = Callable[[str], StudyError]
+
+
+def _bind(
+    fail: Callable[[tuple[Any, ...], str, str], StudyError], key_path: tuple[Any, ...], where: str
+) -> Fail:
+    """The error maker for one key: ``msg -> StudyError`` at that key's line."""
+
+    def make(msg: str) -> StudyError:
+        return fail(key_path, where, msg)
+
+    return make
+
+
+def _value(p: Param, table: Mapping[str, Any], key: str, fail: Fail) -> Any:
     if key not in table:
         if p.required:
             raise fail("missing (required)")

@@ -327,12 +327,13 @@ def scan_step(ctx: StepContext) -> StepOutput:
     lm = ctx.lm
     d = Direction.load(ctx.input(p["direction"]).artifact("direction.json"), model=lm)
     if p["texts"]:
-        texts = [(t, None) for t in p["texts"]]
+        texts: list[tuple[str, bool | None]] = [(t, None) for t in p["texts"]]
     else:
         facts = load_facts()
         true = [f.text for f in facts if f.label][: p["n_facts"]]
         false = [f.text for f in facts if not f.label][: p["n_facts"]]
-        texts = [(t, True) for t in true] + [(t, False) for t in false]
+        texts = [(t, True) for t in true]
+        texts += [(t, False) for t in false]
     results = [scan(lm, t, d, p["site"] or None) for t, _ in texts]
     vmax = colour_scale([v for r in results for v in r.values[1:]])
     samples = []
