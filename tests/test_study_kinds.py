@@ -48,7 +48,9 @@ def test_refusal_step_reads_ablates_and_adds(tmp_path: Path) -> None:
         lo, hi = m[part]["change_ci95"]
         assert lo <= m[part]["change"] <= hi
     assert m["costs"]["kl_ablate"] > 0 and m["costs"]["kl_add"] > 0  # both change the model
-    rows = [json.loads(x) for x in (res.run_dir / "samples" / "refusal.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (res.run_dir / "samples" / "refusal.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2 * 5 + 2 * 4
     assert {r["condition"] for r in rows} == {"base", "ablated", "added"}
     assert all(r["refused"] == refuses(r["completion"]) for r in rows)
@@ -69,3 +71,43 @@ def test_steps_reject_bad_settings_before_running() -> None:
     bad = REFUSAL.format(out="/tmp/x").replace("n_eval = 5", "n_eval = 5.5")
     with pytest.raises(StudyError, match=r"r.toml:11: .*'n_eval': must be an integer"):
         loads(bad, "r.toml")
+
+
+SVP = """\
+[study]
+name = "tiny_svp"
+model = "tiny"
+seed = 0
+output = "{out}"
+
+[[steps]]
+id = "svp"
+kind = "steer_vs_prompt"
+behaviours = ["refusal"]
+layer = 1
+coeffs = [-0.2, 0.2]
+forms = ["cloze", "ab"]
+n_items = 4
+n_pairs = 8
+n_shots = 1
+"""
+
+
+def test_steer_vs_prompt_step(tmp_path: Path) -> None:
+    res = run_study(loads(SVP.format(out=tmp_path), "svp.toml"), progress=False)
+    m = res.metrics["svp"]["refusal"]
+    settings = {(r["form"], r["setting"]) for r in m["rows"]}
+    for form in ("cloze", "ab"):
+        assert {
+            (form, s) for s in ("system_toward", "system_away", "fewshot_toward", "fewshot_away")
+        } <= settings
+        assert sum(1 for f, s in settings if f == form and s.startswith("coeff")) == 2
+    assert {(v["form"], v["direction"]) for v in m["verdict"]} >= {
+        ("cloze", "toward"),
+        ("cloze", "away"),
+    }
+    rows = [json.loads(x) for x in (res.run_dir / "samples" / "svp.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 * (1 + 2 + 4)  # forms x items x (base + 2 coefficients + 4 prompts)
+    assert (res.run_dir / "figures" / "svp.refusal.json").exists()
+    html = (res.run_dir / "report.html").read_text()
+    assert "steering vs prompting" in html and "per unit of KL" in html
