@@ -111,3 +111,48 @@ def test_steer_vs_prompt_step(tmp_path: Path) -> None:
     assert (res.run_dir / "figures" / "svp.refusal.json").exists()
     html = (res.run_dir / "report.html").read_text()
     assert "steering vs prompting" in html and "per unit of KL" in html
+
+
+EMBEDDED = """\
+[study]
+name = "embedded_small"
+model = "embedded"
+seed = 0
+output = "{out}"
+
+[[steps]]
+id = "honesty"
+kind = "probe"
+concept = "facts/honesty"
+n_pairs = 64
+sites = ["blocks.4.hook_resid_post", "blocks.12.hook_resid_post", "blocks.20.hook_resid_post"]
+readers = ["mean_diff", "logistic"]
+
+[[steps]]
+id = "scan"
+kind = "scan"
+direction = "honesty"
+n_facts = 1
+
+[[steps]]
+id = "refusal"
+kind = "refusal"
+n_train = 32
+n_eval = 8
+n_harmless_eval = 8
+max_new_tokens = 12
+"""
+
+
+@pytest.mark.integration
+def test_a_small_study_on_the_embedded_model(tmp_path: Path) -> None:
+    res = run_study(loads(EMBEDDED.format(out=tmp_path), "embedded_small.toml"), progress=False)
+    m = res.metrics
+    # RepE honesty separates well in the middle of the embedded model, held out
+    assert m["honesty"]["best"]["accuracy"] > 0.75 and m["honesty"]["best"]["layer"] in (12, 20)
+    # harmful vs harmless instructions are read almost perfectly
+    assert m["refusal"]["read"]["accuracy"] > 0.9
+    assert m["scan"]["site"] == m["honesty"]["best"]["site"]
+    rec = json.loads((res.run_dir / "record.json").read_text())
+    assert rec["model"]["identity"]["name"] == "SmolLM2-135M-Instruct"
+    assert rec["model"]["identity"]["n_layers"] == 30

@@ -222,3 +222,58 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert err.startswith("repe study: error: ") and "bad.toml:" in err and "\n" not in err
     assert main(["study", "rerun", str(tmp_path)]) == 2
     assert "not a study run folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path) -> None:
+    """A real SIGINT to ``repe study run`` while its third step runs: exit 130, the record says
+    interrupted, no half-written step result, and the next run computes only what was left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = STUDY.replace(
+        'concept = "emotions/happiness"\nn_pairs = 16',
+        'concept = "emotions/happiness"\nn_pairs = 200',
+    )
+    slow = slow.replace(
+        'readers = ["mean_diff"]\nn_boot = 50', 'readers = ["mean_diff"]\nn_boot = 30000'
+    )
+    f = tmp_path / "tiny.toml"
+    f.write_text(slow.replace("seed = 3", f'seed = 3\noutput = "{tmp_path / "out"}"'))
+    cache = tmp_path / "out" / "tiny_demo" / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "repe", "study", "run", str(f)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list(cache.glob("scan-*/result.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)  # the third step is running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "again to resume" in err
+    (run_dir,) = (tmp_path / "out" / "tiny_demo" / "runs").iterdir()
+    rec = read_record(run_dir)
+    assert rec["status"] == "interrupted"
+    assert [rec["steps"][s]["status"] for s in ("honesty", "scan", "happy")] == [
+        "computed",
+        "computed",
+        "pending",
+    ]
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == [
+        "honesty",
+        "scan",
+    ]  # no partial
+    out = subprocess.run(
+        [sys.executable, "-m", "repe", "study", "run", str(f), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "steps computed: happy; from the cache: honesty, scan" in out.stdout
