@@ -478,6 +478,7 @@ def ab_formats_step(ctx: StepContext) -> StepOutput:
     },
     doc="a behaviour under a steering vector at a sweep of coefficients vs system / few-shot prompts "
     "asking for it and its opposite: shift, KL on neutral text, perplexity, shift per unit KL",
+    version=2,
     data=_shipped("caa", "behaviour_prompts", "neutral", "ab_control"),
 )
 def steer_vs_prompt_step(ctx: StepContext) -> StepOutput:
@@ -557,7 +558,7 @@ def _shift_kl_figure(rows: Any, behaviour: str) -> Any:
             )
     fig.update_layout(
         title=f"{behaviour}: behaviour shift vs KL on neutral text (±2 paired SE)",
-        xaxis_title="KL(base || intervention) per token, nats",
+        xaxis_title="KL(base || intervention) per token on neutral text in the chat frame, nats",
         yaxis_title="shift of the behaviour score",
         height=460,
     )

@@ -445,3 +445,47 @@ def test_refusal_steering_and_prompts_move_the_way_they_are_meant_to(embedded_lm
     assert len(res.warnings) == 1 and "does not read A/B options" in res.warnings[0]
     assert res.to_dict()["warnings"] == res.warnings
     assert "WARNING: A/B form: this model does not read A/B options" in res.table()
+
+
+# ---- costs in the chat frame: a vector and a prompt measured in the same place ------------------
+def test_framed_costs_reference_and_the_default_frame_cost_nothing(tiny_lm):
+    from steering.evaluation.prompting import FramedCosts
+
+    texts = load_neutral()[:5]
+    framed = FramedCosts(tiny_lm, texts, batch_size=2)
+    kl0, ppl0 = framed.measure()
+    assert kl0 == 0.0 and ppl0 > 1
+    kl, ppl = framed.measure(context=[])  # the same frame, recomputed
+    assert abs(kl) < 1e-5 and ppl == pytest.approx(ppl0, rel=1e-5)
+    default = _default_system(tiny_lm.tokenizer)
+    if default is not None:  # the template's own system prompt spelled out: the same tokens
+        kl, _ = framed.measure(context=[{"role": "system", "content": default}])
+        assert abs(kl) < 1e-5
+    # the bare-text measure charges that same frame about as much as a real prompt
+    bare_frame = prompt_costs(tiny_lm, [{"role": "system", "content": default or "Hi."}], texts)[0]
+    assert bare_frame > 0.01
+    kl_prompt, _ = framed.measure(context=SYSTEM)
+    assert kl_prompt > 0
+
+
+def test_framed_costs_of_a_steering_match_a_direct_forward(tiny_lm, direction):
+    from steering.evaluation.prompting import FramedCosts, frame_ids
+
+    texts = ["A plain sentence about rivers.", "Cats sleep a lot during the day."]
+    spec = SteeringSpec(direction, coeff=0.5, sites=["blocks.2.hook_resid_post"], scale="relative")
+    kl, ppl = FramedCosts(tiny_lm, texts, batch_size=1).measure(spec=spec)
+    frame = frame_ids(tiny_lm, None)
+    total_kl, n, nll, m = 0.0, 0, 0.0, 0
+    for t in texts:
+        ids = tiny_lm.tokenizer(t, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([frame + ids])
+        with torch.inference_mode():
+            a = tiny_lm.model(input_ids=x).logits[0, len(frame) :].float().log_softmax(-1)
+            with steer(tiny_lm, spec):
+                b = tiny_lm.model(input_ids=x).logits[0, len(frame) :].float().log_softmax(-1)
+        total_kl += float((a.exp() * (a - b)).sum(-1).sum())
+        n += len(ids)
+        nll -= float(b[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+        m += len(ids) - 1
+    assert kl == pytest.approx(total_kl / n, rel=1e-4) and kl > 0
+    assert ppl == pytest.approx(math.exp(nll / m), rel=1e-4)

@@ -27,6 +27,7 @@ read the options for any of this to mean something: the A/B control
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -241,6 +242,115 @@ def prompt_costs(
     return kl_sum / kl_n, math.exp(nll_sum / nll_n)
 
 
+_MARK = "\u2063REPE-NEUTRAL-TEXT\u2063"
+
+
+def frame_ids(lm: LoadedModel, context: Sequence[Message] | None) -> list[int]:
+    """The tokens the chat template puts before a user turn that follows ``context``: for an empty
+    context, the model's default chat frame (SmolLM2's template inserts its default system prompt)."""
+    pre = check_context(context)
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError(
+            f"tokenizer {type(tok).__name__} has no chat template: a prompt's cost needs one"
+        )
+    text = tok.apply_chat_template(
+        [*pre, {"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=False
+    )
+    if _MARK not in text:  # pragma: no cover - a template that rewrites the user's text
+        raise ValueError("the chat template does not keep the user's text verbatim")
+    return list(tok(text[: text.index(_MARK)], add_special_tokens=False)["input_ids"])
+
+
+class FramedCosts:
+    """KL and perplexity on neutral texts put where a user's message goes in a chat, so that a
+    steering vector and a prompt are measured in the same place.
+
+    Each text is the user turn after the model's default chat frame (the reference: unprompted,
+    unsteered). A *prompt* replaces that frame with its own context (a system prompt, few-shot turns)
+    before the same user turn; a *steering* keeps the frame and steers every token. The KL
+    ``KL(reference || intervened)`` is averaged over every text token's next-token distribution, the
+    perplexity over every text token that has a predecessor in the text. Measured against the bare
+    text instead (:func:`prompt_costs`), any chat prefix, even the template's own default system prompt,
+    costs a prompt about 0.7 nats on the embedded model before it asks for anything: a floor that says
+    nothing about the prompt and would hand every per-KL comparison to steering.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, texts: Sequence[str] | None = None, batch_size: int = 16
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
+        from repe.datasets import load_neutral
+
+        self.lm = lm
+        self.batch_size = batch_size
+        tok = lm.tokenizer
+        self.texts = [
+            list(tok(t, add_special_tokens=False)["input_ids"])
+            for t in (texts if texts is not None else load_neutral())
+        ]
+        if not any(len(t) > 1 for t in self.texts):
+            raise ValueError("texts: every text is a single token; perplexity needs at least two")
+        self._reference = self._logprobs(frame_ids(lm, None), None)
+
+    def _logprobs(self, prefix: list[int], spec: Any) -> list[torch.Tensor]:
+        """Per batch of texts, ``[n text tokens, V]`` log-probabilities at the text's tokens."""
+        from steering.evaluation.costs import neutral_spec
+        from steering.hooks import steer
+
+        lm = self.lm
+        pad = lm.tokenizer.pad_token_id
+        head = cast(nn.Module, lm.model.get_output_embeddings())  # type: ignore[operator]
+        n = len(prefix)
+        out = []
+        for s in range(0, len(self.texts), self.batch_size):
+            rows = self.texts[s : s + self.batch_size]
+            b = make_batch([Encoded(prefix + ids, None) for ids in rows], pad, "left")
+            ctx = steer(lm, neutral_spec(spec)) if spec is not None else contextlib.nullcontext()
+            with ctx as state, torch.inference_mode():
+                if state is not None:
+                    state.begin_batch(b)
+                hidden = lm.backbone(
+                    input_ids=b.input_ids.to(lm.device),
+                    attention_mask=b.attention_mask.to(lm.device),
+                    position_ids=b.position_ids.to(lm.device),
+                ).last_hidden_state
+            r = [i for i, ids in enumerate(rows) for _ in ids]
+            c = [b.offsets[i] + n + t for i, ids in enumerate(rows) for t in range(len(ids))]
+            with torch.inference_mode():
+                h = hidden[
+                    torch.tensor(r, device=hidden.device), torch.tensor(c, device=hidden.device)
+                ]
+                out.append(head(h).float().log_softmax(-1))
+        return out
+
+    def measure(
+        self, *, context: Sequence[Message] | None = None, spec: Any = None
+    ) -> tuple[float, float]:
+        """(KL per text token, perplexity) with ``context`` in place of the default frame (None: the
+        frame) and/or steered by ``spec``."""
+        if context is None and spec is None:
+            lps = self._reference
+        else:
+            lps = self._logprobs(frame_ids(self.lm, context), spec)
+        kl_sum, kl_n, nll_sum, nll_n = 0.0, 0, 0.0, 0
+        for k, (lp, ref) in enumerate(zip(lps, self._reference, strict=True)):
+            kl = (ref.exp() * (ref - lp)).sum(-1)
+            kl_sum += float(kl.double().sum())
+            kl_n += kl.numel()
+            start = 0
+            for ids in self.texts[k * self.batch_size : (k + 1) * self.batch_size]:
+                if len(ids) > 1:
+                    nxt = torch.tensor(ids[1:], device=lp.device)
+                    nll_sum -= float(
+                        lp[start : start + len(ids) - 1].gather(-1, nxt[:, None]).double().sum()
+                    )
+                    nll_n += len(ids) - 1
+                start += len(ids)
+        return kl_sum / kl_n, math.exp(nll_sum / nll_n)
+
+
 # ---- the comparison -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ComparisonRow:
@@ -249,8 +359,11 @@ class ComparisonRow:
     ``method`` is ``"steering"`` (``coeff`` set) or ``"prompt"``; ``sign`` the intended direction
     (+1 toward the behaviour, -1 away; a steering row's is its coefficient's sign, 0 at 0);
     ``shift = score - base_score`` with ``se`` its paired standard error over items; ``kl`` (nats per
-    token) and ``ppl`` on neutral text; ``per_kl = shift / kl`` and ``per_kl_se = se / kl`` (None when
-    ``kl`` is 0).
+    token) and ``ppl`` on neutral text as a user's message in the chat frame (:class:`FramedCosts`: the
+    same place for a vector and a prompt); ``per_kl = shift / kl`` and ``per_kl_se = se / kl`` (None
+    when ``kl`` is 0). ``kl_text`` / ``ppl_text``: the same on the bare text (a vector's
+    :class:`~steering.evaluation.costs.NeutralCosts`; a prompt's :func:`prompt_costs`, whose KL holds
+    the chat frame's own cost).
     """
 
     form: str
@@ -266,6 +379,8 @@ class ComparisonRow:
     ppl: float
     per_kl: float | None
     per_kl_se: float | None
+    kl_text: float | None = None
+    ppl_text: float | None = None
 
 
 def _finite(x: Any) -> Any:
@@ -419,14 +534,18 @@ class SteeringVsPrompting:
             )
         lines += [
             "",
-            "| form | method | setting | score | shift | se | KL | ppl | shift/KL | se |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "KL and ppl: neutral text as the user's message in the chat frame (the same place for a "
+            "vector and a prompt); KL bare: on the bare text, where a prompt's KL holds the frame's "
+            "own cost.",
+            "",
+            "| form | method | setting | score | shift | se | KL | ppl | shift/KL | se | KL bare |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in self.rows:
             lines.append(
                 f"| {r.form} | {r.method} | {r.setting} | {r.score:.4f} | {_fmt(r.shift)} | "
                 f"{_fmt(r.se, '.4f')} | {r.kl:.4f} | {r.ppl:.3f} | {_fmt(r.per_kl, '+.3f')} | "
-                f"{_fmt(r.per_kl_se, '.3f')} |"
+                f"{_fmt(r.per_kl_se, '.3f')} | {_fmt(r.kl_text, '.4f')} |"
             )
         lines.append("")
         lines += [f"- {v['sentence']}" for v in self.verdict()]
@@ -554,9 +673,11 @@ def steering_vs_prompting(
     report(0.0, "KL and perplexity on neutral text")
     costs = NeutralCosts(lm, kl_texts, batch_size)
     costs.base()
-    base_ppl = costs.perplexity(None)
-    steer_cost = [costs.measure(s) for s in specs]
-    prompt_cost: dict[str, tuple[float, float]] = {}
+    framed = FramedCosts(lm, kl_texts, batch_size)
+    base_ppl = framed.measure()[1]
+    base_ppl_text = costs.perplexity(None)
+    steer_cost = [(*framed.measure(spec=s), *costs.measure(s)) for s in specs]
+    prompt_cost: dict[str, tuple[float, float, float, float]] = {}
     rows: list[ComparisonRow] = []
     base: dict[str, dict[str, Any]] = {}
     item_scores: dict[tuple[str, str], list[float]] = {}
@@ -582,9 +703,9 @@ def steering_vs_prompting(
         )
         ref = results[0]
         item_scores[form, "base"] = ref.item_scores
-        for c, res, (kl, ppl) in zip(coeff_list, results[1:], steer_cost, strict=True):
+        for c, res, cost in zip(coeff_list, results[1:], steer_cost, strict=True):
             item_scores[form, _coeff_label(c)] = res.item_scores
-            rows.append(_row(form, "steering", _coeff_label(c), c, _sign(c), ref, res, kl, ppl))
+            rows.append(_row(form, "steering", _coeff_label(c), c, _sign(c), ref, res, *cost))
         ctxs = prompt_conditions(
             lm, behaviour, form, n_shots=n_shots, seed=seed, test_frac=test_frac
         )
@@ -605,13 +726,18 @@ def steering_vs_prompting(
                 raise RuntimeError(f"{form}: the {name} prompt was scored on other items")
             key = json.dumps(ctxs[name], sort_keys=True)
             if key not in prompt_cost:
-                prompt_cost[key] = prompt_costs(lm, ctxs[name], costs=costs)
-            kl, ppl = prompt_cost[key]
+                prompt_cost[key] = (
+                    *framed.measure(context=ctxs[name]),
+                    *prompt_costs(lm, ctxs[name], costs=costs),
+                )
             item_scores[form, name] = res.item_scores
-            rows.append(_row(form, "prompt", name, None, _PROMPT_SIGN[name], ref, res, kl, ppl))
+            rows.append(
+                _row(form, "prompt", name, None, _PROMPT_SIGN[name], ref, res, *prompt_cost[key])
+            )
         base[form] = {
             "score": ref.score,
             "ppl": base_ppl,
+            "ppl_text": base_ppl_text,
             "n_items": ref.n_items,
             "items_fingerprint": ref.items_fingerprint,
         }
@@ -652,6 +778,8 @@ def _row(
     res: ABResult,
     kl: float,
     ppl: float,
+    kl_text: float | None = None,
+    ppl_text: float | None = None,
 ) -> ComparisonRow:
     shift, se = paired_shift(ref.item_scores, res.item_scores)
     defined = kl > 0
@@ -669,4 +797,6 @@ def _row(
         ppl=ppl,
         per_kl=shift / kl if defined else None,
         per_kl_se=se / kl if defined else None,
+        kl_text=kl_text,
+        ppl_text=ppl_text,
     )
