@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as md
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("repe", "probes", "steering", "app")
+PACKAGES = ("repe", "probes", "steering", "app", "studies")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,18 @@ def test_non_editable_install_runs_the_commands(wheel, tmp_path):
     repe_file, script = run.stdout.split()
     assert repe_file.startswith(str(venv)) and script.startswith(str(venv))
     assert Path(script).is_file() and script.endswith("app/main.py")
+    # the built-in studies ship with the package: `repe study list` finds them in the install
+    run = subprocess.run(
+        [str(venv / "bin" / "repe"), "study", "list", "--json", "--runs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    built = json.loads(run.stdout)["builtin"]
+    assert {"honesty_reading", "caa_steering_vs_prompting", "refusal_direction"} <= set(built)
+    assert all(b["file"].startswith(str(venv)) and "error" not in b for b in built.values())
 
 
 def _imports(pkg: str) -> set[str]:
