@@ -280,3 +280,15 @@ def test_app_export_with_hostile_names_writes_only_in_its_temp_folder(tiny_lm, t
     leaked = [p for p in Path(tempfile.gettempdir()).glob(f"evil-{tag}*")]
     leaked += [p for p in tmp_path.glob(f"evil-{tag}*")]
     assert leaked == []
+
+
+def test_an_atomic_write_is_readable_by_others_like_a_plain_write(tmp_path):
+    """mkstemp's private 0600 does not leak into the result: a new file is 0644 (reports are shared),
+    and a replaced file keeps its mode."""
+    from repe.atomic import write_text
+
+    p = write_text(tmp_path / "report.html", "x")
+    assert p.stat().st_mode & 0o777 == 0o644
+    p.chmod(0o600)
+    write_text(p, "y")
+    assert p.stat().st_mode & 0o777 == 0o600 and p.read_text() == "y"
