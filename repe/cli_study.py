@@ -62,6 +62,20 @@ def add_parser(
     p.set_defaults(func=func)
 
 
+def _stop_on_sigterm() -> None:
+    """``kill PID`` stops a run as Ctrl-C does: the step in progress leaves nothing half-written and
+    the record says "interrupted" (a run killed with SIGKILL leaves at most a hidden temporary folder
+    in the cache, which is never read)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from studies import runner, spec
 
@@ -80,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             dl = "" if r["delta"] is None else f"{r['delta']:+.6g}"
             print(f"{r['metric']}\t{a}\t{b}\t{dl}")
         return 0
+    _stop_on_sigterm()
     if args.study_cmd == "rerun":
         res = runner.rerun(
             args.run_dir, output=args.output, jobs=args.jobs, progress=not args.quiet

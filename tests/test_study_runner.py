@@ -224,7 +224,8 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "not a study run folder" in capsys.readouterr().err
 
 
-def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path, sig: str) -> None:
     """A real SIGINT to ``repe study run`` while its third step runs: exit 130, the record says
     interrupted, no half-written step result, and the next run computes only what was left."""
     import signal
@@ -253,7 +254,7 @@ def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path) -> No
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(1.0)  # the third step is running
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "again to resume" in err
