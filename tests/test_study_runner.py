@@ -231,15 +231,15 @@ def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path, sig: 
     import signal
     import subprocess
     import sys
-    import time
+    import threading
 
+    # the third step made slow: many pairs, cross-validated logistic readers, a large bootstrap
     slow = STUDY.replace(
-        'concept = "emotions/happiness"\nn_pairs = 16',
-        'concept = "emotions/happiness"\nn_pairs = 200',
+        'concept = "emotions/happiness"\nn_pairs = 16\nreaders = ["mean_diff"]\nn_boot = 50',
+        'concept = "emotions/happiness"\nn_pairs = 400\nreaders = ["logistic", "lat"]\n'
+        "n_boot = 30000",
     )
-    slow = slow.replace(
-        'readers = ["mean_diff"]\nn_boot = 50', 'readers = ["mean_diff"]\nn_boot = 30000'
-    )
+    assert "n_pairs = 400" in slow
     f = tmp_path / "tiny.toml"
     f.write_text(slow.replace("seed = 3", f'seed = 3\noutput = "{tmp_path / "out"}"'))
     cache = tmp_path / "out" / "tiny_demo" / "cache"
@@ -249,13 +249,23 @@ def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path, sig: 
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while not list(cache.glob("scan-*/result.json")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)  # the third step is running
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "[3/3] happy (probe) ..." in line:
+                started.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert started.wait(240), "".join(lines)[-2000:]  # the third step has just begun
     proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(lines)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "again to resume" in err
     (run_dir,) = (tmp_path / "out" / "tiny_demo" / "runs").iterdir()
