@@ -188,6 +188,9 @@ def test_parallel_steps_in_processes_match_the_sequential_run(tmp_path: Path) ->
         (("n_facts = 2", "n_facts = 2 2"), 19, "TOML syntax"),
         (('concept = "emotions/happiness"', 'concept = "emotions/glee"'), 24, "unknown concept"),
         (('id = "happy"', 'id = "scan"'), 22, "duplicate id"),
+        # hostile names: a study or step name becomes a folder name, so no / or ..
+        (('name = "tiny_demo"', 'name = "../../etc"'), 2, "[study] key 'name': use letters"),
+        (('id = "happy"', 'id = "../happy"'), 22, "'id' must be a name"),
     ],
 )
 def test_malformed_study_errors_name_the_key_and_the_line(
