@@ -3,6 +3,8 @@
 repe study list                                  # built-in studies, and the runs under --runs
 repe study run honesty_reading                   # a built-in study, or a path to your own TOML
 repe study run my_study.toml --jobs 2            # independent steps in 2 local processes
+repe study run my_study.toml --engine dask       # on a local Dask cluster (--jobs workers, default 2)
+repe study run my_study.toml --engine dask --scheduler tcp://HOST:8786   # on a running Dask cluster
 repe study rerun study-runs/honesty_reading/runs/<id>      # from the record alone
 repe study diff RUN_A RUN_B                      # metric by metric
 """
@@ -35,7 +37,15 @@ def add_parser(
     )
     r.add_argument("study", help="a study TOML file, or the name of a built-in study")
     r.add_argument("--output", default=None, help="runs folder (default: the study's 'output')")
-    r.add_argument("--jobs", type=positive_int, default=1, help="independent steps in N processes")
+    r.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=None,
+        help="independent steps at once: N local processes (default 1: in this process); with "
+        "--engine dask, workers of the local cluster (default 2) or steps in flight on a running one "
+        "(default: all its worker threads)",
+    )
+    _engine_args(r)
     r.add_argument("--new", action="store_true", help="start a new run folder, never resume one")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -47,7 +57,8 @@ def add_parser(
         help="where the new run goes (default: beside the old one, reusing its cache; "
         "a new folder recomputes every step)",
     )
-    rr.add_argument("--jobs", type=positive_int, default=1)
+    rr.add_argument("--jobs", type=positive_int, default=None)
+    _engine_args(rr)
     rr.add_argument("--quiet", action="store_true")
 
     ls = acts.add_parser("list", help="the built-in studies, and the runs under --runs")
@@ -60,6 +71,28 @@ def add_parser(
     d.add_argument("--all", action="store_true", help="also the metrics that did not change")
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=func)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="where steps run: local (this process, or --jobs processes) or dask (a Dask cluster; "
+        "needs the 'cluster' extra)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="a running Dask scheduler's address, tcp://HOST:8786 (default: $DASK_SCHEDULER_ADDRESS, "
+        "else a local cluster); the output folder must be on a filesystem every worker shares",
+    )
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from studies.engines import make_engine
+
+    return make_engine(args.engine, jobs=args.jobs, scheduler=args.scheduler)
 
 
 def _stop_on_sigterm() -> None:
@@ -97,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     _stop_on_sigterm()
     if args.study_cmd == "rerun":
         res = runner.rerun(
-            args.run_dir, output=args.output, jobs=args.jobs, progress=not args.quiet
+            args.run_dir, output=args.output, progress=not args.quiet, engine=_engine(args)
         )
     else:
         study = spec.load(spec.find(args.study))
@@ -105,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
             res = runner.run_study(
                 study,
                 output=args.output,
-                jobs=args.jobs,
                 resume=not args.new,
+                engine=_engine(args),
                 progress=not args.quiet,
             )
         except KeyboardInterrupt:

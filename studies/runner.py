@@ -11,7 +11,9 @@
   fingerprints, timings, warnings), ``study.toml`` (the resolved configuration, every default written
   out: ``rerun`` needs nothing else), ``study.original.toml``, ``metrics.json``, ``samples/<step>.jsonl``
   (per-sample outputs), ``artifacts/<step>/``, ``figures/<step>.<name>.json`` and ``report.html``.
-* ``jobs > 1`` runs independent steps at once in local processes (each loads the model itself).
+* ``jobs > 1`` runs independent steps at once in local processes (each loads the model itself);
+  ``engine="dask"`` sends them to a Dask cluster (a local one, or ``scheduler=ADDRESS``): see
+  :mod:`studies.engines`. The study file is the same for every engine.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import multiprocessing
 import os
 import platform
 import random
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from repe.atomic import temp_dir_beside, write_text
+from studies.engines import Engine, executor, make_engine
 from studies.spec import Study, StudyError, loads
 
 RECORD_FORMAT = "repe-study-run"
@@ -325,6 +327,7 @@ def compute_step(
             "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code": code_version(),
             "model_identity": identity,
+            "computed_by": {"host": platform.node(), "pid": os.getpid()},
         }
         write_text(build / "result.json", json.dumps(info, indent=1, sort_keys=True))
         try:
@@ -340,7 +343,7 @@ def compute_step(
 
 
 def _worker(text: str, path: str, step_id: str, key: str, cache: str) -> str:
-    """Entry point of a step computed in another process."""
+    """Entry point of a step computed in another process (a local one or a Dask worker)."""
     study = loads(text, path)
     compute_step(study, step_id, key, Path(cache), progress=False)
     return step_id
@@ -428,14 +431,23 @@ def run_study(
     progress: bool = True,
     after_step: Callable[[str], None] | None = None,
     rerun_of: str | None = None,
+    engine: str | Engine = "local",
+    scheduler: str | None = None,
 ) -> RunResult:
     """Run ``study``: finished steps come from the cache, the rest are computed; writes the run record.
 
     ``resume``: continue the newest unfinished run of the same configuration in its folder (else a new
     run folder). ``after_step(step_id)`` is called after each step is done (a test stops a run there).
+    ``engine``: ``"local"`` (``jobs`` processes; 1 computes in this process) or ``"dask"`` (a Dask
+    cluster at ``scheduler``, else ``$DASK_SCHEDULER_ADDRESS``, else a local cluster of ``jobs``
+    workers), or an :class:`~studies.engines.Engine`.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs!r}")
+    if isinstance(engine, str):
+        engine = make_engine(
+            engine, jobs=jobs if engine == "local" or jobs > 1 else None, scheduler=scheduler
+        )
     root = study_root(study, output)
     cache, runs = root / "cache", root / "runs"
     cache.mkdir(parents=True, exist_ok=True)
@@ -486,6 +498,7 @@ def run_study(
             "key": model_key(study.model, study.dtype),
             "identity": None,
         },
+        "engine": engine.describe(),
         "data": {},
         "steps": {
             s.id: {"kind": s.kind, "key": keys[s.id], "needs": list(s.needs), "status": "pending"}
@@ -520,7 +533,7 @@ def run_study(
                     say(f"[{i + 1}/{len(study.steps)}] {sid}: cached")
                     pending.remove(sid)
                     finish(sid, "cached", 0.0)
-            if jobs == 1 or len(pending) <= 1:
+            if engine.in_process or (engine.name == "local" and len(pending) <= 1):
                 for sid in pending:
                     n = [s.id for s in study.steps].index(sid) + 1
                     say(f"[{n}/{len(study.steps)}] {sid} ({study.step(sid).kind}) ...")
@@ -530,7 +543,7 @@ def run_study(
                     say(f"[{n}/{len(study.steps)}] {sid}: done in {dt:.1f} s")
                     finish(sid, "computed", dt)
             else:
-                _run_parallel(study, pending, keys, cache, jobs, done, finish, say)
+                _run_parallel(study, pending, keys, cache, engine, done, finish, say, record)
         except KeyboardInterrupt:
             record["status"] = "interrupted"
             record["error"] = "interrupted (Ctrl-C); run the study again to resume"
@@ -557,15 +570,22 @@ def _run_parallel(
     pending: list[str],
     keys: dict[str, str],
     cache: Path,
-    jobs: int,
+    engine: Engine,
     done: set[str],
     finish: Callable[[str, str, float], None],
     say: Callable[[str], None],
+    record: dict[str, Any],
 ) -> None:
-    ctx = multiprocessing.get_context("spawn")
     waiting = list(pending)
     running: dict[cf.Future[str], tuple[str, float]] = {}
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    where = "a worker process" if engine.name == "local" else "the Dask cluster"
+    with executor(engine, cache) as (pool, jobs):
+        record["engine"] = engine.describe()
+        if engine.name == "dask":
+            say(
+                f"engine dask: {engine.info.get('workers')} workers at {engine.info.get('address')}, "
+                f"{jobs} steps at a time"
+            )
         try:
             while waiting or running:
                 for sid in list(waiting):
@@ -573,14 +593,14 @@ def _run_parallel(
                         break
                     if all(n in done for n in study.step(sid).needs):
                         waiting.remove(sid)
-                        say(f"{sid} ({study.step(sid).kind}) started in a worker process")
+                        say(f"{sid} ({study.step(sid).kind}) started on {where}")
                         fut = pool.submit(
                             _worker,
                             study.source,
                             str(study.path or "<study>"),
                             sid,
                             keys[sid],
-                            str(cache),
+                            str(cache.resolve()),
                         )
                         running[fut] = (sid, time.perf_counter())
                 if not running:
@@ -628,6 +648,7 @@ def _collect(
             "compute_seconds": round(float(info.get("seconds", 0.0)), 3),
             "computed_at": info.get("computed_at"),
             "computed_with": info.get("code"),
+            "computed_by": info.get("computed_by"),
             "n_samples": info.get("n_samples", 0),
             "warnings": info.get("warnings", []),
         }
@@ -685,6 +706,8 @@ def rerun(
     output: str | Path | None = None,
     jobs: int = 1,
     progress: bool = True,
+    engine: str | Engine = "local",
+    scheduler: str | None = None,
 ) -> RunResult:
     """Run again what a run record describes, from the record alone (its ``study.toml``).
 
@@ -704,7 +727,14 @@ def rerun(
     if output is None:
         output = run_dir.resolve().parents[2]
     return run_study(
-        study, output=output, jobs=jobs, resume=False, progress=progress, rerun_of=str(run_dir)
+        study,
+        output=output,
+        jobs=jobs,
+        resume=False,
+        progress=progress,
+        rerun_of=str(run_dir),
+        engine=engine,
+        scheduler=scheduler,
     )
 
 

@@ -1,0 +1,231 @@
+"""Studies fanned out on Dask (issue 18): a local Dask cluster of 2 worker processes on this machine
+computes the same metrics as the in-process run, from the same unchanged study file; a step whose worker
+is killed is computed again on another; the cache is shared between the workers and the client; a
+cluster whose workers cannot see the cache folder is refused before any step is sent. Tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from repe.cli import main
+from studies import engines
+from studies.engines import make_engine
+from studies.runner import read_record, run_study
+from studies.spec import StudyError, loads
+
+# honesty and happy are independent; scan needs honesty (computed by whichever worker is free)
+STUDY = """\
+[study]
+name = "fanout_demo"
+description = "two probes and a scan on the tiny model"
+model = "tiny"
+seed = 5
+
+[[steps]]
+id = "honesty"
+kind = "probe"
+concept = "facts/honesty"
+n_pairs = 48
+readers = ["mean_diff", "logistic"]
+n_boot = 50
+
+[[steps]]
+id = "scan"
+kind = "scan"
+direction = "honesty"
+n_facts = 2
+
+[[steps]]
+id = "happy"
+kind = "probe"
+concept = "emotions/happiness"
+n_pairs = 32
+readers = ["mean_diff"]
+n_boot = 50
+"""
+
+
+def _write(tmp_path: Path, output: Path) -> Path:
+    f = tmp_path / "fanout.toml"
+    f.write_text(STUDY.replace("seed = 5", f'seed = 5\noutput = "{output}"'))
+    return f
+
+
+def _study(tmp_path: Path, output: Path):  # noqa: ANN202
+    f = _write(tmp_path, output)
+    return loads(f.read_text(), str(f))
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("seq")
+    return run_study(_study(tmp, tmp / "runs"), progress=False).metrics
+
+
+def test_local_dask_cluster_equals_in_process_and_shares_the_cache(
+    tmp_path: Path, in_process: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs"
+    f = _write(tmp_path, out)
+    # the same study file, unchanged, on a local cluster of 2 workers through the command line
+    assert main(["study", "run", str(f), "--engine", "dask", "--jobs", "2"]) == 0
+    cap = capsys.readouterr()
+    said = cap.out
+    assert "engine dask: 2 workers at tcp://" in cap.err  # the progress lines
+    assert "steps computed: honesty, " in said or "steps computed: happy, " in said
+    run_dir = Path(said.split("run: ")[1].splitlines()[0])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == in_process
+    rec = read_record(run_dir)
+    assert rec["engine"]["name"] == "dask" and rec["engine"]["workers"] == 2
+    assert rec["engine"]["local_cluster"] is True
+    pids = {rec["steps"][s]["computed_by"]["pid"] for s in ("honesty", "scan", "happy")}
+    assert os.getpid() not in pids  # every step ran in a worker process, none here
+    # the workers' results are this machine's cache: the client finds every step there
+    again = run_study(loads(f.read_text(), str(f)), progress=False, resume=False)
+    assert again.computed == [] and again.cached == ["honesty", "scan", "happy"]
+    assert again.metrics == in_process
+
+
+def test_the_cluster_computes_only_what_the_cache_lacks(
+    tmp_path: Path, in_process: dict[str, Any]
+) -> None:
+    out = tmp_path / "runs"
+    f = _write(tmp_path, out)
+    first = loads(f.read_text().split('[[steps]]\nid = "scan"')[0], str(f))  # honesty only
+    assert run_study(first, progress=False).computed == ["honesty"]
+    res = run_study(loads(f.read_text(), str(f)), progress=False, engine="dask", jobs=2)
+    assert res.cached == ["honesty"] and sorted(res.computed) == ["happy", "scan"]
+    assert res.metrics == in_process
+
+
+def _kill_first_busy_worker(client: Client, killed: list[int], stop: threading.Event) -> None:
+    """Kill (SIGKILL) the first worker seen computing a step."""
+    while not stop.is_set():
+        busy = [w for w, keys in client.processing().items() if keys]
+        if busy:
+            pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.02)
+
+
+def test_a_killed_workers_step_is_computed_again(
+    tmp_path: Path, in_process: dict[str, Any]
+) -> None:
+    study = _study(tmp_path, tmp_path / "runs")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        killed: list[int] = []
+        stop = threading.Event()
+        killer = threading.Thread(target=_kill_first_busy_worker, args=(client, killed, stop))
+        killer.start()
+        try:
+            res = run_study(
+                study, progress=False, engine="dask", scheduler=cluster.scheduler_address
+            )
+        finally:
+            stop.set()
+            killer.join()
+        assert len(killed) == 1
+        assert (
+            killed[0] not in client.run(os.getpid).values()
+        )  # it died (the nanny started another)
+    assert sorted(res.computed) == ["happy", "honesty", "scan"]
+    assert res.metrics == in_process
+    rec = read_record(res.run_dir)
+    assert rec["status"] == "complete" and rec["engine"]["scheduler"] == cluster.scheduler_address
+    # whatever the killed worker had started was finished by another process
+    assert killed[0] not in {rec["steps"][s]["computed_by"]["pid"] for s in rec["steps"]}
+
+
+def test_a_step_whose_workers_keep_dying_fails_the_run_with_the_reason(tmp_path: Path) -> None:
+    study = _study(tmp_path, tmp_path / "runs")
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        killed: list[int] = []
+        stop = threading.Event()
+        killer = threading.Thread(target=_kill_first_busy_worker, args=(client, killed, stop))
+        killer.start()
+        try:
+            with pytest.raises(Exception, match="KilledWorker|died|killed"):
+                run_study(study, progress=False, engine="dask", scheduler=cluster.scheduler_address)
+        finally:
+            stop.set()
+            killer.join()
+    runs = list((tmp_path / "runs" / "fanout_demo" / "runs").iterdir())
+    rec = read_record(runs[0])
+    assert rec["status"] == "failed" and "KilledWorker" in rec["error"]
+
+
+class _FakeClient:
+    """Workers that see another filesystem: the folder exists there, the client's token does not."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def run(self, fn, folder: str, token: str) -> dict[str, Any]:  # noqa: ANN001
+        assert Path(folder, token).exists()  # the client wrote its token where it asked
+        return {"tcp://w1:1": fn(str(self.folder), token), "tcp://w2:1": None}
+
+
+def test_a_cache_the_workers_cannot_see_is_refused_before_any_step(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    with pytest.raises(StudyError, match=r"on worker tcp://w1:1.*not visible.*1 of 2 workers"):
+        engines._check_shared_cache(_FakeClient(elsewhere), cache)
+    assert list(cache.iterdir()) == []  # the token is gone
+    engines._check_shared_cache(_FakeClient(cache), cache)  # the same folder: accepted
+
+
+def test_engine_choices_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert make_engine().in_process and not make_engine(jobs=2).in_process
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
+    assert make_engine("dask").scheduler == "tcp://10.0.0.1:8786"
+    assert make_engine("dask", scheduler="tcp://h:1").scheduler == "tcp://h:1"
+    with pytest.raises(StudyError, match="engine must be one of local, dask"):
+        make_engine("ray")
+    with pytest.raises(StudyError, match="needs engine 'dask'"):
+        make_engine("local", scheduler="tcp://h:1")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path, tmp_path / "runs")
+    assert main(["study", "run", str(f), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "repe study: error: a scheduler address needs engine 'dask'"
+    # nothing listens there: one line naming the address (Dask's connect timeout is shortened)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        code = main(
+            [
+                "study",
+                "run",
+                str(f),
+                "--engine",
+                "dask",
+                "--scheduler",
+                "tcp://127.0.0.1:9",
+                "--quiet",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "could not reach the Dask scheduler at 'tcp://127.0.0.1:9'" in err
