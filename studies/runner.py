@@ -163,7 +163,7 @@ class StepContext:
 
     @property
     def lm(self) -> Any:
-        return load_study_model(self.study.model, self.study.dtype)
+        return load_study_model(self.study.model_of(self.step_id), self.study.dtype)
 
     def input(self, step_id: str) -> StepResult:
         return self.inputs[step_id]
@@ -179,17 +179,20 @@ def _kinds() -> dict[str, Any]:
 def step_keys(study: Study) -> dict[str, str]:
     """Content hash of every step's inputs (file order: a step's inputs come before it)."""
     kinds = _kinds()
-    mkey = model_key(study.model, study.dtype)
+    mkeys: dict[str, str] = {}
     keys: dict[str, str] = {}
     for s in study.steps:
         kind = kinds[s.kind]
+        spec = study.model_of(s)
+        if kind.uses_model and spec not in mkeys:
+            mkeys[spec] = model_key(spec, study.dtype)
         data = kind.data(s.params) if kind.data is not None else {}
         blob = {
             "kind": s.kind,
             "version": kind.version,
             "params": s.params,
             "seed": study.seed,
-            "model": mkey if kind.uses_model else None,
+            "model": mkeys[spec] if kind.uses_model else None,
             "data": data,
             "inputs": {n: keys[n] for n in s.needs},
         }
@@ -295,7 +298,7 @@ def compute_step(
             dict.fromkeys([*out.warnings, *(f"{w.category.__name__}: {w.message}" for w in caught)])
         )
         identity = None
-        loaded = _MODELS.get((study.model, study.dtype))
+        loaded = _MODELS.get((study.model_of(s), study.dtype))
         if loaded is not None and kind.uses_model:
             identity = loaded.identity.to_dict()
         figures = {}
@@ -328,6 +331,7 @@ def compute_step(
             "code": code_version(),
             "model_identity": identity,
             "computed_by": {"host": platform.node(), "pid": os.getpid()},
+            "model": study.model_of(s) if kind.uses_model else None,
         }
         write_text(build / "result.json", json.dumps(info, indent=1, sort_keys=True))
         try:
@@ -381,6 +385,8 @@ def _emit_toml(study: Study) -> str:
     lines += [f"{k} = {val(v)}" for k, v in study.settings.items()]
     for s in study.steps:
         lines += ["", "[[steps]]", f"id = {val(s.id)}", f"kind = {val(s.kind)}"]
+        if s.model is not None:
+            lines.append(f"model = {val(s.model)}")
         lines += [f"{k} = {val(v)}" for k, v in s.params.items() if v is not None]
         extra = [n for n in s.needs if not _is_ref(s, n)]
         if extra:
@@ -501,7 +507,13 @@ def run_study(
         "engine": engine.describe(),
         "data": {},
         "steps": {
-            s.id: {"kind": s.kind, "key": keys[s.id], "needs": list(s.needs), "status": "pending"}
+            s.id: {
+                "kind": s.kind,
+                "key": keys[s.id],
+                "needs": list(s.needs),
+                "model": study.model_of(s),
+                "status": "pending",
+            }
             for s in study.steps
         },
         "timings": {},
@@ -655,8 +667,13 @@ def _collect(
     )
     if info.get("data"):
         record["data"][sid] = info["data"]
-    if info.get("model_identity") and record["model"]["identity"] is None:
-        record["model"]["identity"] = info["model_identity"]
+    if info.get("model_identity"):
+        record["steps"][sid]["model_identity"] = info["model_identity"]
+        if (
+            record["model"]["identity"] is None
+            and record["steps"][sid]["model"] == record["model"]["spec"]
+        ):
+            record["model"]["identity"] = info["model_identity"]
     for w in info.get("warnings", []):
         if w not in record["warnings"]:
             record["warnings"].append(w)

@@ -114,7 +114,7 @@ STUDY_KEYS: dict[str, Param] = {
     "output": Param("str", "study-runs"),
     "sampling": Param("str", "", doc="what the study samples less than it could, for the report"),
 }
-STEP_KEYS = ("id", "kind", "after")
+STEP_KEYS = ("id", "kind", "after", "model")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class StepConfig:
     params: dict[str, Any]
     needs: tuple[str, ...]
     line: int | None = None
+    model: str | None = None  # this step's own model (else the study's): one study, several models
 
 
 @dataclass
@@ -150,12 +151,24 @@ class Study:
                 return s
         raise KeyError(f"study {self.name!r} has no step {step_id!r}")
 
+    def model_of(self, step: StepConfig | str) -> str:
+        """The model a step runs on: its own ``model`` key, else the study's."""
+        s = self.step(step) if isinstance(step, str) else step
+        return s.model if s.model is not None else self.model
+
     def resolved(self) -> dict[str, Any]:
         """The whole configuration with every default filled in (what the run record stores)."""
         return {
             "study": dict(self.settings),
             "steps": [
-                {"id": s.id, "kind": s.kind, **s.params, "after": list(s.needs)} for s in self.steps
+                {
+                    "id": s.id,
+                    "kind": s.kind,
+                    **({"model": s.model} if s.model is not None else {}),
+                    **s.params,
+                    "after": list(s.needs),
+                }
+                for s in self.steps
             ],
         }
 
@@ -306,6 +319,13 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
                     f"names step {a!r}, which is not a step above this one",
                 )
             needs.append(a)
+        step_model = raw.get("model")
+        if step_model is not None and (not isinstance(step_model, str) or not step_model.strip()):
+            raise fail(
+                ("steps", i, "model"),
+                f"{label} key 'model'",
+                'must be "embedded", "tiny" or a model folder (a non-empty string)',
+            )
         check = getattr(kind, "validate", None)
         if check is not None:
             problem = check(params)
@@ -319,6 +339,7 @@ def loads(text: str, path: str = "<study>", kinds: Mapping[str, Any] | None = No
                 params=params,
                 needs=tuple(dict.fromkeys(needs)),
                 line=lines.get(("steps", i)),
+                model=step_model,
             )
         )
     return Study(

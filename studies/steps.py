@@ -391,9 +391,9 @@ def _num(x: str) -> Any:
 def _needs_embedded(ctx: StepContext, what: str) -> None:
     from studies.spec import StudyError
 
-    if ctx.study.model not in ("embedded", ""):
+    if ctx.study.model_of(ctx.step_id) not in ("embedded", ""):
         raise StudyError(
-            f"step kind {what!r} is written for the embedded model; this study's is {ctx.study.model!r}"
+            f"step kind {what!r} is written for the embedded model; this step's is {ctx.study.model_of(ctx.step_id)!r}"
         )
 
 

@@ -229,3 +229,62 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "could not reach the Dask scheduler at 'tcp://127.0.0.1:9'" in err
+
+
+TWO_MODELS = """\
+[study]
+name = "two_models"
+model = "tiny"
+seed = 1
+output = "{out}"
+
+[[steps]]
+id = "on_tiny"
+kind = "probe"
+concept = "facts/honesty"
+n_pairs = 24
+readers = ["mean_diff"]
+n_boot = 20
+
+[[steps]]
+id = "on_other"
+kind = "probe"
+model = "{other}"
+concept = "facts/honesty"
+n_pairs = 24
+readers = ["mean_diff"]
+n_boot = 20
+"""
+
+
+def test_one_study_two_models_fanned_out(tmp_path: Path) -> None:
+    from repe.models import tiny_model
+
+    other = tiny_model(seed=7, n_layers=3)
+    folder = tmp_path / "other-model"
+    other.model.save_pretrained(folder)
+    other.tokenizer.save_pretrained(folder)
+    text = TWO_MODELS.format(out=tmp_path / "runs", other=folder)
+    study = loads(text, str(tmp_path / "two.toml"))
+    assert study.model_of("on_tiny") == "tiny" and study.model_of("on_other") == str(folder)
+    # the step's model is part of the resolved file, so a rerun from the record uses it too
+    assert loads(study.source, "x").fingerprint() == study.fingerprint()
+    res = run_study(study, progress=False, engine="dask", jobs=2)
+    rec = read_record(res.run_dir)
+    a, b = rec["steps"]["on_tiny"], rec["steps"]["on_other"]
+    assert a["model"] == "tiny" and b["model"] == str(folder)
+    assert a["model_identity"]["n_layers"] == 4 and b["model_identity"]["n_layers"] == 3
+    assert rec["model"]["identity"]["n_layers"] == 4  # the study's own model
+    assert a["key"] != b["key"]
+    sites = {k: {r["site"] for r in res.metrics[k]["table"]} for k in ("on_tiny", "on_other")}
+    assert len(sites["on_tiny"]) == 4 and len(sites["on_other"]) == 3  # each on its own model
+    resolved = (res.run_dir / "study.toml").read_text()
+    assert f'model = "{folder}"' in resolved
+    seq = run_study(loads(resolved, "study.toml"), output=tmp_path / "seq", progress=False)
+    assert seq.metrics == res.metrics
+
+
+def test_a_steps_model_must_be_a_string(tmp_path: Path) -> None:
+    text = TWO_MODELS.format(out=tmp_path, other="x").replace('model = "x"', "model = 3")
+    with pytest.raises(StudyError, match=r"two.toml:18: steps\[2\] \(id 'on_other'\) key 'model'"):
+        loads(text, "two.toml")
