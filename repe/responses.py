@@ -126,7 +126,9 @@ def hidden_on_responses(
     (row-major). Runs under the caller's grad mode (training needs gradients, reading does not)."""
     out = lm.backbone(**inputs, output_hidden_states=True, use_cache=False)
     hs = out.hidden_states
-    return torch.stack([hs[layer + 1][resp] for layer in layers])
+    # with a device_map each block's states stay on its device; gathered on the mask's (the input's)
+    dev = resp.device
+    return torch.stack([hs[layer + 1][resp.to(hs[layer + 1].device)].to(dev) for layer in layers])
 
 
 def _same_reader(lm: LoadedModel, other: LoadedModel) -> None:

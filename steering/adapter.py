@@ -27,7 +27,7 @@ from torch import nn
 
 from repe.artifacts import check_identity, check_version, load_artifact, register, save_artifact
 from repe.errors import DataFormatError
-from repe.models import LoadedModel, ModelIdentity
+from repe.models import LoadedModel, ModelIdentity, is_offloaded
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -77,7 +77,8 @@ class ResolvedAdapter:
         a, b = self.a[name], self.b[name]
         delta = (x.to(a.dtype) @ a.T) @ b.T
         new = out + (delta * self.scale).to(out.dtype)
-        return new if mask is None else torch.where(mask.unsqueeze(-1), new, out)
+        # the mask comes from the inputs, on the input device: with a device_map not the module's
+        return new if mask is None else torch.where(mask.to(out.device).unsqueeze(-1), new, out)
 
 
 @register("lowrank_adapter")
@@ -128,10 +129,11 @@ class LowRankAdapter:
         for layer in sorted(set(layers)):
             for t in targets:
                 m = _target_module(lm, layer, t)
+                dev = lm.layer_device(layer)  # not m.weight.device: meta when offloaded
                 bound = 1.0 / math.sqrt(m.in_features)  # kaiming_uniform(a=sqrt(5)) on [r, d_in]
                 w = (torch.rand(rank, m.in_features, generator=g) * 2 - 1) * bound
-                a[_key(layer, t)] = w.to(m.weight.device, torch.float32)
-                b[_key(layer, t)] = torch.zeros(m.out_features, rank, device=m.weight.device)
+                a[_key(layer, t)] = w.to(dev, torch.float32)
+                b[_key(layer, t)] = torch.zeros(m.out_features, rank, device=dev)
         return cls(lm.identity, sorted(set(layers)), tuple(targets), rank, float(alpha), a, b, name)
 
     @property
@@ -161,7 +163,7 @@ class LowRankAdapter:
                         f"not fit {m.in_features} -> {m.out_features} with rank {self.rank}"
                     )
                 hooks[k] = m
-                dev = m.weight.device
+                dev = lm.layer_device(layer)  # where the block runs (its weights may be offloaded)
                 a[k], b[k] = (
                     self.a[k].to(dev),
                     self.b[k].to(dev),
@@ -190,6 +192,12 @@ class LowRankAdapter:
         """A copy of ``lm`` with the adapter folded into its weights (``lm`` is left untouched). The copy
         keeps ``lm``'s identity, so directions made for the base model still apply to it."""
         self.resolve(lm)  # the same checks
+        if is_offloaded(lm.model):
+            raise ValueError(
+                f"adapter {self.name!r}: merged() needs the weights in memory, and this model was "
+                "loaded with weights offloaded (device_map with 'cpu' or 'disk' entries beside an "
+                "accelerator, or 'disk'); apply the adapter with steer(lm, adapter) instead"
+            )
         new = LoadedModel(
             copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.layers_template, lm.source
         )

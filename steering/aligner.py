@@ -37,7 +37,7 @@ from torch import nn
 
 from repe.artifacts import check_identity, check_version, load_artifact, register, save_artifact
 from repe.errors import DataFormatError
-from repe.models import LoadedModel, ModelIdentity
+from repe.models import LoadedModel, ModelIdentity, weights_in_memory
 from steering.intervention import TorchHook
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -166,7 +166,8 @@ class _Stash(threading.local):
 
 @dataclass
 class ResolvedAligner:
-    """An Aligner resolved against one model: its hooks and the tensors on the model's device."""
+    """An Aligner resolved against one model: its hooks, and its tensors on the device of its first
+    block (each block's prefix keys and values are made on that block's device)."""
 
     tokens: torch.Tensor  # [N, d]
     gates: torch.Tensor  # [n_blocks, n_heads]
@@ -232,9 +233,13 @@ class ResolvedAligner:
             return self._kv_cache[layer]
         lay = self.layouts[layer]
         n = self.tokens.shape[0]
-        t = self.tokens.to(lay.k.weight.dtype)
-        k = F.linear(t, lay.k.weight, lay.k.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
-        v = F.linear(t, lay.v.weight, lay.v.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
+        # k_proj / v_proj are read outside their own forward: offloaded weights are brought in
+        # (accelerate moves them in only for a module's forward), and the tokens go to the block
+        with weights_in_memory(lay.k), weights_in_memory(lay.v):
+            w = lay.k.weight
+            t = self.tokens.to(w.device, w.dtype)
+            k = F.linear(t, w, lay.k.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
+            v = F.linear(t, lay.v.weight, lay.v.bias).float().view(n, lay.n_kv_heads, lay.head_dim)
         group = lay.n_heads // lay.n_kv_heads
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, N, hd]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
@@ -252,7 +257,10 @@ class ResolvedAligner:
             x = args[0] if args else kwargs["input"]
             b, t, _ = x.shape
             k, v = self._prefix(layer)
-            keep = None if mask is None else mask.to(torch.float32)  # [B, T]: 1 = act, 0 = keep x
+            if k.device != x.device:  # the prefix is made where the block's weights are
+                k, v = k.to(x.device), v.to(x.device)
+            # the mask comes from the inputs (the input device): 1 = act, 0 = keep x
+            keep = None if mask is None else mask.to(x.device, torch.float32)  # [B, T]
             if k.shape[1] == 1:  # one prefix token: its softmax weight is 1 for every query
                 o = v.reshape(1, 1, h * hd)
                 if keep is not None:
@@ -261,6 +269,8 @@ class ResolvedAligner:
             else:
                 q = self._stash.q.pop(layer).view(b, t, h, hd)
                 rope = self._stash.rope.pop(layer, None) or self._stash.rope[-1]
+                if rope[0].device != q.device:  # the shared rotary module's output, another device
+                    rope = tuple(r.to(q.device) for r in rope)
                 if q.dtype != torch.float32:
                     q = q.float()
                 if (
@@ -340,10 +350,14 @@ class Aligner:
             )
         layouts = [attention_layout(lm, layer) for layer in range(start_layer, lm.n_layers)]
         norm = getattr(lm.layers[start_layer], "input_layernorm", None)
-        w = getattr(norm, "weight", None)
-        scale = float(w.detach().float().abs().mean()) if isinstance(w, torch.Tensor) else 1.0
+        scale = 1.0
+        if isinstance(norm, nn.Module):
+            with weights_in_memory(norm):  # offloaded weights are on meta outside a forward
+                w = getattr(norm, "weight", None)
+                if isinstance(w, torch.Tensor):
+                    scale = float(w.detach().float().abs().mean())
         g = torch.Generator().manual_seed(seed)
-        dev = layouts[0].k.weight.device
+        dev = lm.layer_device(start_layer)  # not the weights' device: meta when offloaded
         tokens = (torch.randn(n_tokens, lm.d_model, generator=g) * scale).to(dev)
         gates = torch.zeros(len(layouts), layouts[0].n_heads, device=dev)
         lay = layouts[0]
@@ -383,7 +397,7 @@ class Aligner:
             )
         if not (torch.isfinite(self.tokens).all() and torch.isfinite(self.gates).all()):
             raise ValueError(f"Aligner {self.name!r} holds NaN or infinite values")
-        dev = layouts[self.start_layer].k.weight.device
+        dev = lm.layer_device(self.start_layer)  # each block's prefix is made on its own device
         return ResolvedAligner(
             self.tokens.to(dev),
             self.gates.to(dev),

@@ -234,7 +234,7 @@ def decide(r: Resolved, h: Float[Tensor, "b t d"], info: TokenInfo) -> Bool[Tens
     condition site."""
     cond = r.condition
     assert cond is not None
-    real = info.real.unsqueeze(-1).to(h.dtype)
+    real = info.real.unsqueeze(-1).to(h.device, h.dtype)  # the input's device may not be the site's
     mean = (h * real).sum(1) / real.sum(1).clamp(min=1)
     proj = mean.float() @ cond.unit.to(h.device).float()
     return proj > cond.threshold if cond.above else proj < cond.threshold

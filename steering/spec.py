@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from repe.backends.hf import site_device
 from repe.directions import Direction
 from repe.models import LoadedModel
 from repe.sites import Site, parse_site
@@ -177,11 +178,13 @@ class ResolvedSteering:
     def apply(
         self, h: Float[Tensor, "b t d"], site: str, mask: Bool[Tensor, "b t"] | None
     ) -> Float[Tensor, "b t d"]:
-        """The operator at ``site``: ``[B, T, d]`` steered activation; tokens outside ``mask`` keep ``h``."""
-        delta = self.deltas[site].to(h.dtype)
-        u = self.units[site].to(h.dtype)
+        """The operator at ``site``: ``[B, T, d]`` steered activation; tokens outside ``mask`` keep ``h``.
+        The vectors are on the site's device already (``.to`` is then free); the mask comes from the
+        model's inputs, on the input device, which differs from a block's when blocks are spread."""
+        delta = self.deltas[site].to(h.device, h.dtype)
+        u = self.units[site].to(h.device, h.dtype)
         new = self.operator.fn(h, delta, u, self.clamp_values[site])
-        return new if mask is None else torch.where(mask.unsqueeze(-1), new, h)
+        return new if mask is None else torch.where(mask.to(h.device).unsqueeze(-1), new, h)
 
     def find_assistant_starts(
         self, ids: Int[Tensor, "b t"], real: Bool[Tensor, "b t"]
@@ -225,10 +228,13 @@ def _execution_key(site: Site) -> tuple[int, int]:
 def _site_tensors(
     lm: LoadedModel, spec: SteeringSpec, sites: list[str], op: Operator
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
-    """Per-site steering vector (``c * scale * u``), unit direction and clamp value, on the model's
-    device. The maths runs once on the stacked vectors (a handful of tensor ops, not a handful per
-    site): switching steering on costs well under a millisecond even with every layer steered."""
-    dev, dtype = lm.device, lm.dtype
+    """Per-site steering vector (``c * scale * u``), unit direction and clamp value, each on the device
+    of the site's activation (the block it hooks, :func:`repe.backends.hf.site_device`: with a
+    ``device_map`` the blocks sit on several devices). The maths runs once on the stacked vectors (a
+    handful of tensor ops, not a handful per site): switching steering on costs well under a
+    millisecond even with every layer steered."""
+    dtype = lm.dtype
+    devices: dict[str, torch.device] = {}
     deltas: dict[str, torch.Tensor] = {}
     units: dict[str, torch.Tensor] = {}
     clamps: dict[str, float] = {}
@@ -256,19 +262,23 @@ def _site_tensors(
             c = spec.coeff_at(n)
             lengths.append(c * strength(spec.direction, n, spec.scale, norm) if c else 0.0)
         lens = torch.tensor(lengths, dtype=us.dtype).view(column)
-        for n, d, u, length in zip(
-            names,
-            (us * lens).to(dev, dtype).unbind(0),
-            us.to(dev, dtype).unbind(0),
-            lengths,
-            strict=True,
-        ):
-            deltas[n], units[n], clamps[n] = d, u, length
+        for n in names:
+            if n not in devices:
+                devices[n] = site_device(lm, parse_site(n))
+        # one copy of the stacked vectors per device (one in all unless a device_map spreads blocks)
+        scaled = us * lens
+        moved = {
+            dev: (scaled.to(dev, dtype).unbind(0), us.to(dev, dtype).unbind(0))
+            for dev in dict.fromkeys(devices[n] for n in names)
+        }
+        for i, (n, length) in enumerate(zip(names, lengths, strict=True)):
+            ds, uns = moved[devices[n]]
+            deltas[n], units[n], clamps[n] = ds[i], uns[i], length
     return deltas, units, clamps
 
 
 def resolve(lm: LoadedModel, spec: SteeringSpec) -> ResolvedSteering:
-    """Check the spec against the model and build the per-site tensors on the model's device."""
+    """Check the spec against the model and build the per-site tensors on their sites' devices."""
     spec.direction.check_compatible(lm)
     op = get_operator(spec.operator)
     if spec.scale not in SCALES:
@@ -309,7 +319,7 @@ def resolve(lm: LoadedModel, spec: SteeringSpec) -> ResolvedSteering:
         cv = spec.condition.direction[c_site.name].float()
         cond = ResolvedCondition(
             c_site,
-            (cv / cv.norm().clamp(min=1e-12)).to(lm.device),
+            (cv / cv.norm().clamp(min=1e-12)).to(site_device(lm, c_site)),
             spec.condition.threshold,
             spec.condition.above,
         )

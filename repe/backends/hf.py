@@ -42,6 +42,16 @@ def site_module(lm: LoadedModel, site: Site) -> nn.Module:
         ) from exc
 
 
+def site_device(lm: LoadedModel, site: Site) -> torch.device:
+    """The device of the site's activation where a hook of ours sees it: the device of the block it
+    belongs to (:meth:`LoadedModel.layer_device`). A forward-pre-hook on a block runs before
+    accelerate's own hook moves the block's inputs, so ``blocks.L.hook_resid_pre`` is still where the
+    previous block (or, for block 0, the embedding) left it."""
+    if site.hf_hook.hook == "pre" and not site.hf_hook.submodule:
+        return lm.layer_device(site.layer - 1) if site.layer > 0 else lm.input_device
+    return lm.layer_device(site.layer)
+
+
 def first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple | list) else x
 

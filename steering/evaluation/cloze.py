@@ -51,7 +51,8 @@ def _answer_logprob(
     c = torch.tensor(cols, device=hidden.device)
     head = cast(nn.Module, lm.model.get_output_embeddings())  # type: ignore[operator]
     lp = head(hidden[r, c - 1]).float().log_softmax(-1)
-    tok_lp = lp.gather(-1, ids[r, c][:, None])[:, 0]
+    # the LM head may run on another device than the inputs (a device_map)
+    tok_lp = lp.gather(-1, ids.to(lp.device)[r.to(lp.device), c.to(lp.device)][:, None])[:, 0]
     sums = torch.zeros(len(starts), dtype=torch.float64).index_add_(
         0, r.cpu(), tok_lp.double().cpu()
     )

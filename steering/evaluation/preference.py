@@ -87,8 +87,12 @@ def pattern_projections(
         inputs, resp = batch_inputs(lm, items[s : s + batch_size], None)
         with _scope(lm, intervention), torch.inference_mode():
             hs = lm.backbone(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        dev = resp.device  # with a device_map the blocks' states sit on their blocks' devices
         proj = torch.stack(
-            [hs[L + 1].float() @ units[i].to(hs[0].device) for i, L in enumerate(layers)]
+            [
+                (hs[L + 1].float() @ units[i].to(hs[L + 1].device)).to(dev)
+                for i, L in enumerate(layers)
+            ]
         ).mean(0)  # [B, T]
         out += ((proj * resp).sum(1) / resp.sum(1)).tolist()
     return np.array(out)
