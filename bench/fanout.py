@@ -83,7 +83,9 @@ def main() -> None:
             if a != b:
                 raise SystemExit("the Dask run's metrics differ from the in-process run's")
     speedup = statistics.median(s / p for s, p in zip(seq_t, par_t, strict=True))
-    print(f"INFO in-process {statistics.median(seq_t):.1f} s, dask 2 workers {statistics.median(par_t):.1f} s")
+    print(
+        f"INFO in-process {statistics.median(seq_t):.1f} s, dask 2 workers {statistics.median(par_t):.1f} s"
+    )
     print("INFO metrics of the two runs are equal")
     print(
         f"RESULT fanout_speedup_2_workers {speedup:.3f} target >= 1.6 "

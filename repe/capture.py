@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 
 from repe.activations import ActivationMeta, ActivationSet, Shard, ShardWriter
 from repe.backends import get_backend
+from repe.backends.hf import first_tensor
 from repe.batching import Encoded, Inputs, TokenBatch, batches, encode, fingerprint
 from repe.models import LoadedModel
 from repe.positions import PositionPolicy, PositionSpec, as_policy
+from repe.remote import RemoteError, RemoteJob, RemoteRequest, check_remote, refuse_weightless
 from repe.sites import Site, SiteSpec, resolve_sites
 
 DEFAULT_SITES = "blocks.*.hook_resid_post"
@@ -76,11 +78,23 @@ class _Collector:
         self.offsets.append(self.plan[4])
         self.n_buffered += len(batch.lengths)
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch index, position index) of the selected tokens of the current batch."""
+        assert self.plan is not None
+        return self.plan[0], self.plan[1]
+
     def sink(self, site: Site, acts: torch.Tensor) -> None:
         assert self.plan is not None
-        b_idx, p_idx, seg, counts, offsets = self.plan
+        b_idx, p_idx = self.rows()
         dev = acts.device
-        rows = acts[b_idx.to(dev), p_idx.to(dev)]
+        self.sink_rows(site, acts[b_idx.to(dev), p_idx.to(dev)])
+
+    def sink_rows(self, site: Site, rows: torch.Tensor) -> None:
+        """Like :meth:`sink`, for a back-end that gathered the selected tokens itself (``[N, ...]``,
+        in the order of :meth:`rows`): a remote run sends back only those."""
+        assert self.plan is not None
+        _, _, seg, counts, offsets = self.plan
+        dev = rows.device
         n_out = int(offsets[-1])
         if counts is not None:
             rows = rows.float()
@@ -111,6 +125,7 @@ def capture(
     positions: PositionSpec = "last",
     batch_size: int = 16,
     backend: str = "hf",
+    remote: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     shard_size: int = 1024,
@@ -123,13 +138,18 @@ def capture(
     """Capture activations of ``sites`` for texts or chat conversations.
 
     Args:
-        lm: a model from :func:`repe.load_model`.
+        lm: a model from :func:`repe.load_model` (or, for ``remote=True``,
+            :func:`repe.remote.load_remote_model`).
         inputs: a list of texts, or a list of conversations (lists of role/content messages).
         sites: canonical name(s), glob(s) or a predicate (default: every block's residual output).
         positions: ``"last"``, ``"mean"``, ``"all"``, ``"assistant"`` (from the assistant turn on),
             ``"assistant_mean"``, a token index or list of indices, or a PositionPolicy.
         batch_size: examples per forward pass.
         backend: ``"hf"`` (default, fastest), ``"transformer_lens"`` or ``"nnsight"``.
+        remote: run each batch on NDIF through nnsight's remote execution (``backend="nnsight"``
+            only; the model must be named by a hub id NDIF serves, the API key is read from
+            ``NDIF_API_KEY``; see :mod:`repe.remote`). Only the selected tokens' activations come
+            back. :func:`submit_capture` is the same without waiting.
         out_dir: when given, activations stream to safetensors shards there (memory does not grow with
             the dataset) and a disk-backed set is returned. The set is built in a temporary folder
             beside ``out_dir`` and renamed into place when complete; an interrupted capture leaves
@@ -141,16 +161,186 @@ def capture(
         on_batch: called as ``on_batch(examples_done, total)`` after each batch (a UI's progress
             bar; raising from it stops the capture, and nothing is returned).
     """
+    _check_args(batch_size, shard_size, padding_side)
+    be = get_backend(backend, remote=remote)
+    if remote:
+        check_remote(lm)  # the API key first: nothing is built without one
+    else:
+        refuse_weightless(lm)
+    site_list, policy, encoded = _prepare(lm, inputs, sites, positions, max_length)
+    return _capture(
+        lm,
+        inputs,
+        site_list,
+        policy,
+        encoded,
+        be,
+        backend,
+        out_dir,
+        overwrite,
+        batch_size,
+        shard_size,
+        padding_side,
+        progress,
+        store_dtype,
+        on_batch,
+    )
+
+
+def submit_capture(
+    lm: LoadedModel,
+    inputs: Inputs,
+    sites: SiteSpec = DEFAULT_SITES,
+    *,
+    positions: PositionSpec = "last",
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    padding_side: str = "right",
+    store_dtype: torch.dtype = torch.float32,
+    max_length: int | None = None,
+) -> RemoteJob[ActivationSet]:
+    """``capture(..., backend="nnsight", remote=True)`` without waiting.
+
+    One non-blocking NDIF job per batch is posted now; the returned :class:`repe.remote.RemoteJob`
+    polls them (``status()``) and, once all are complete, ``result()`` assembles the in-memory
+    :class:`ActivationSet` that ``capture`` would have returned.
+    """
+    from repe.backends.nnsight import NNsightBackend
+
+    _check_args(batch_size, shard_size, padding_side)
+    check_remote(lm)
+    site_list, policy, encoded = _prepare(lm, inputs, sites, positions, max_length)
+    be = NNsightBackend(remote=True)
+    collector = _Collector(store_dtype)
+    jobs = []
+    for batch in _batches(lm, encoded, batch_size, padding_side):
+        collector.set_batch(batch, policy)
+        jobs.append(be.submit(lm, batch, site_list, rows=collector.rows()))
+
+    def finish(results: list[dict[str, Any]]) -> ActivationSet:
+        replay = _Replay([r.get("saved") for r in results])
+        return _capture(
+            lm,
+            inputs,
+            site_list,
+            policy,
+            encoded,
+            replay,
+            "nnsight",
+            None,
+            False,
+            batch_size,
+            shard_size,
+            padding_side,
+            False,
+            store_dtype,
+            None,
+        )
+
+    return RemoteJob(jobs, finish)
+
+
+def capture_request(
+    lm: LoadedModel,
+    inputs: Inputs,
+    sites: SiteSpec = DEFAULT_SITES,
+    *,
+    positions: PositionSpec = "last",
+    batch_size: int = 16,
+    padding_side: str = "right",
+    max_length: int | None = None,
+) -> list[RemoteRequest]:
+    """The requests ``capture(..., backend="nnsight", remote=True)`` would send to NDIF, one per
+    batch, built and not sent (:class:`repe.remote.RemoteRequest`: nnsight's serialised trace)."""
+    from repe.backends.nnsight import NNsightBackend
+
+    _check_args(batch_size, 1, padding_side)
+    check_remote(lm)
+    site_list, policy, encoded = _prepare(lm, inputs, sites, positions, max_length)
+    be = NNsightBackend(remote=True)
+    collector = _Collector(torch.float32)
+    out = []
+    for batch in _batches(lm, encoded, batch_size, padding_side):
+        collector.set_batch(batch, policy)
+        out.append(be.request(lm, batch, site_list, rows=collector.rows()))
+    return out
+
+
+class _Replay:
+    """A back-end that hands out what finished remote jobs saved, batch by batch, in order."""
+
+    name = "nnsight"
+    gathers_rows = True
+
+    def __init__(self, saved: list[Any]) -> None:
+        self._saved = iter(saved)
+
+    def run(
+        self,
+        lm: LoadedModel,
+        batch: TokenBatch,
+        sites: list[Site],
+        sink: Callable[[Site, torch.Tensor], None],
+        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        from repe.backends.nnsight import NNsightBackend
+
+        values = next(self._saved, None)
+        if not isinstance(values, list):
+            raise RemoteError(f"NDIF sent back no activations (got {type(values).__name__})")
+        n = None if rows is None else int(rows[0].numel())
+        for value in values:
+            got = first_tensor(value).shape[0]
+            if n is not None and got != n:
+                raise RemoteError(f"NDIF sent back {got} tokens where this batch keeps {n}")
+        NNsightBackend.deliver(lm, sites, values, sink)
+
+
+def _check_args(batch_size: int, shard_size: int, padding_side: str) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1; got {shard_size}")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+
+
+def _prepare(
+    lm: LoadedModel,
+    inputs: Inputs,
+    sites: SiteSpec,
+    positions: PositionSpec,
+    max_length: int | None,
+) -> tuple[list[Site], PositionPolicy, list[Encoded]]:
     site_list = resolve_sites(sites, lm.n_layers)
     policy = as_policy(positions)
-    encoded = encode(lm.tokenizer, inputs, max_length=max_length)
-    be = get_backend(backend)
+    return site_list, policy, encode(lm.tokenizer, inputs, max_length=max_length)
+
+
+def _batches(
+    lm: LoadedModel, encoded: list[Encoded], batch_size: int, padding_side: str
+) -> list[TokenBatch]:
+    side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
+    return [b for _, b in batches(encoded, batch_size, lm.tokenizer.pad_token_id, side)]
+
+
+def _capture(
+    lm: LoadedModel,
+    inputs: Inputs,
+    site_list: list[Site],
+    policy: PositionPolicy,
+    encoded: list[Encoded],
+    be: Any,
+    backend: str,
+    out_dir: str | os.PathLike[str] | None,
+    overwrite: bool,
+    batch_size: int,
+    shard_size: int,
+    padding_side: str,
+    progress: bool | None,
+    store_dtype: torch.dtype,
+    on_batch: Callable[[int, int], None] | None,
+) -> ActivationSet:
     meta = ActivationMeta(
         identity=lm.identity,
         sites=[s.name for s in site_list],
@@ -205,11 +395,16 @@ def _run_capture(
     show = progress if progress is not None else n_batches > 1
     pad_id = lm.tokenizer.pad_token_id
     side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
+    # a back-end that gathers the selected tokens itself (a remote one: only those come back)
+    gathers = bool(getattr(be, "gathers_rows", False))
     done = 0
     with tqdm(total=len(encoded), disable=not show, desc="capture", unit="ex") as bar:
         for _start, batch in batches(encoded, batch_size, pad_id, side):
             collector.set_batch(batch, policy)
-            be.run(lm, batch, site_list, collector.sink)
+            if gathers:
+                be.run(lm, batch, site_list, collector.sink_rows, rows=collector.rows())
+            else:
+                be.run(lm, batch, site_list, collector.sink)
             bar.update(len(batch.lengths))
             done += len(batch.lengths)
             if on_batch is not None:

@@ -12,6 +12,14 @@ and the operator functions, and select tokens with the same position logic as th
 (:func:`token_mask`), so padding is never steered. The ``transformer_lens`` and ``nnsight`` back-ends
 run on views of the model that share its weights (see :mod:`repe.backends.transformer_lens`);
 ``lm.model`` itself never carries their hooks.
+
+``backend="nnsight", remote=True`` runs the steered forward on NDIF (see :mod:`repe.remote`). A remote
+trace body ships as source with the values it reads, and NDIF does not have this package: the local
+``nnsight`` path's steering functions (closures over ``apply_operator`` and a ``ResolvedSteering``)
+would be pickled by reference to ``steering`` modules and fail to load there. The remote body instead
+applies each built-in operator in one affine form, written with torch operations on tensors that
+travel in the request (per site: unit direction, whether to project it out, the vector to add,
+whether to restore the norm, and the ``[B, T]`` token mask), and saves only the logits.
 """
 
 from __future__ import annotations
@@ -26,14 +34,30 @@ from repe.backends.hf import execution_key, first_tensor
 from repe.batching import Inputs, TokenBatch, encode, make_batch
 from repe.errors import RepeError
 from repe.models import LoadedModel
+from repe.remote import (
+    Keep,
+    OnHost,
+    RemoteError,
+    RemoteJob,
+    RemoteRequest,
+    check_remote,
+    refuse_weightless,
+    remote_backend,
+)
 from repe.sites import Site, parse_site
 from steering.hooks import SeqState, TokenInfo, apply_operator, position_mask, steer
+from steering.operators import op_ablate, op_ablate_add, op_add, op_add_norm_preserving, op_clamp
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
 
 BackendName = Literal["hf", "transformer_lens", "nnsight"]
 BACKENDS: tuple[str, ...] = ("hf", "transformer_lens", "nnsight")
 # a steering function for one site: the site's activation [B, T, d] -> the steered activation
 SiteFn = Callable[[torch.Tensor], torch.Tensor]
+# one operator of a remote run, as the trace body applies it (every tensor on the CPU, sent along):
+# (unit direction u [d], project u out first, vector to add [d], restore |h|, token mask [B, T])
+RemoteOp = tuple[torch.Tensor, bool, torch.Tensor, bool, torch.Tensor]
+# one steered site of a remote run: (envoy path, "input" or "output", its operators in order)
+RemoteStep = tuple[str, str, list[RemoteOp]]
 
 
 def token_mask(
@@ -56,9 +80,20 @@ def token_mask(
     return real.clone() if mask is None else mask
 
 
-def _check(lm: LoadedModel, spec: SteeringSpec | None, backend: str) -> ResolvedSteering | None:
+def _check(
+    lm: LoadedModel, spec: SteeringSpec | None, backend: str, remote: bool = False
+) -> ResolvedSteering | None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if remote:
+        if backend != "nnsight":
+            raise ValueError(
+                "remote=True runs on NDIF through nnsight: pass backend='nnsight' "
+                f"(got backend={backend!r})"
+            )
+        check_remote(lm)  # the API key first: nothing is built without one
+    else:
+        refuse_weightless(lm)
     if spec is None:
         return None
     if spec.positions == "generated":
@@ -72,7 +107,8 @@ def _check(lm: LoadedModel, spec: SteeringSpec | None, backend: str) -> Resolved
             f"conditional steering (SteeringSpec.condition) is implemented for backend='hf' only; "
             f"got backend={backend!r}"
         )
-    return resolve(lm, spec)
+    # a remote run's tensors travel in the request: built on the CPU (the model may have no weights)
+    return resolve(OnHost.of(lm) if remote else lm, spec)
 
 
 def _as_batch(
@@ -188,6 +224,210 @@ def _run_nnsight(
     return out["logits"]
 
 
+# the built-in operators in the remote body's affine form, keyed by the operator's function (a
+# custom operator, or a built-in name rebound to another function, has no form and is refused)
+def _form_add(
+    delta: torch.Tensor, u: torch.Tensor, value: float
+) -> tuple[bool, torch.Tensor, bool]:
+    return False, delta, False
+
+
+def _form_add_norm_preserving(
+    delta: torch.Tensor, u: torch.Tensor, value: float
+) -> tuple[bool, torch.Tensor, bool]:
+    return False, delta, True
+
+
+def _form_ablate(
+    delta: torch.Tensor, u: torch.Tensor, value: float
+) -> tuple[bool, torch.Tensor, bool]:
+    return True, torch.zeros_like(u), False
+
+
+def _form_ablate_add(
+    delta: torch.Tensor, u: torch.Tensor, value: float
+) -> tuple[bool, torch.Tensor, bool]:
+    return True, delta, False
+
+
+def _form_clamp(
+    delta: torch.Tensor, u: torch.Tensor, value: float
+) -> tuple[bool, torch.Tensor, bool]:
+    return True, value * u, False
+
+
+_REMOTE_FORMS: dict[Callable[..., torch.Tensor], Callable[..., tuple[bool, torch.Tensor, bool]]] = {
+    op_add: _form_add,
+    op_add_norm_preserving: _form_add_norm_preserving,
+    op_ablate: _form_ablate,
+    op_ablate_add: _form_ablate_add,
+    op_clamp: _form_clamp,
+}
+
+
+def _remote_steps(
+    lm: LoadedModel, resolved: ResolvedSteering | None, batch: TokenBatch
+) -> list[RemoteStep]:
+    """The steering of a remote run as plain data and CPU tensors, one step per steered site in
+    execution order (repeated sites once, their operators in order)."""
+    from repe.backends.nnsight import envoy_path
+
+    if resolved is None:
+        return []
+    form = _REMOTE_FORMS.get(resolved.operator.fn)
+    if form is None:
+        raise NotImplementedError(
+            f"operator {resolved.operator.name!r} cannot run remotely: NDIF runs only the torch "
+            f"operations sent in the request, written for the built-in operators "
+            f"('add', 'add_norm_preserving', 'ablate', 'ablate_add', 'clamp')"
+        )
+    cpu = torch.device("cpu")
+    real = batch.attention_mask.to(cpu).bool()
+    mask = token_mask(
+        resolved, real, batch.position_ids.to(cpu), None, batch.input_ids.to(cpu)
+    ).cpu()
+    named = sorted(((parse_site(n), n) for n in resolved.sites), key=lambda x: execution_key(x[0]))
+    steps: list[RemoteStep] = []
+    for site in dict.fromkeys(s for s, _ in named):  # execution order, repeated sites once
+        path, where = envoy_path(lm, site).rsplit(".", 1)
+        ops: list[RemoteOp] = []
+        for s, name in named:
+            if s != site:
+                continue
+            u = resolved.units[name].detach().to(cpu)
+            project, shift, renorm = form(
+                resolved.deltas[name].detach().to(cpu), u, resolved.clamp_values[name]
+            )
+            ops.append((u, project, shift.to(cpu), renorm, mask))
+        steps.append((path, where, ops))
+    return steps
+
+
+def _last_rows(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(len(batch.lengths))
+    last = torch.tensor([o + n - 1 for o, n in zip(batch.offsets, batch.lengths, strict=True)])
+    return rows, last
+
+
+def _trace_remote(
+    lm: LoadedModel,
+    resolved: ResolvedSteering | None,
+    batch: TokenBatch,
+    last_only: bool,
+    make_backend: Callable[[Any], Any],
+) -> Any:
+    """Build (and, depending on the backend, send) the remote trace of a steered forward; returns
+    the nnsight backend used. The body reads only ``model``, ``steps``, ``select`` and ``torch``."""
+    from repe.backends.nnsight import _MODELS
+
+    model, lock = _MODELS.get(lm)
+    steps = _remote_steps(lm, resolved, batch)
+    for module_path in dict.fromkeys(step[0] for step in steps):
+        try:
+            model.get(module_path)
+        except AttributeError as exc:
+            raise RepeError(
+                f"no module at nnsight path {module_path!r} in {type(lm.model).__name__}; check "
+                f"layers_template"
+            ) from exc
+    select = _last_rows(batch) if last_only else None  # the server keeps only these logits
+    with lock, torch.inference_mode():
+        backend = make_backend(model)
+        with model.trace(
+            input_ids=batch.input_ids.cpu(),
+            attention_mask=batch.attention_mask.cpu(),
+            position_ids=batch.position_ids.cpu(),
+            use_cache=False,
+            backend=backend,
+        ):
+            for path, where, ops in steps:  # a trace must touch modules in execution order
+                envoy = model.get(path)
+                value = envoy.input if where == "input" else envoy.output
+                h = value[0] if isinstance(value, tuple) else value
+                for unit, project, shift, renorm, mask in ops:
+                    u = unit.to(h.device, h.dtype)
+                    new = h - (h @ u).unsqueeze(-1) * u if project else h
+                    new = new + shift.to(h.device, h.dtype)
+                    if renorm:
+                        norm = new.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                        new = new * (h.norm(dim=-1, keepdim=True) / norm)
+                    h = torch.where(mask.to(h.device).unsqueeze(-1), new, h)
+                if isinstance(value, tuple):
+                    h = (h, *value[1:])
+                if where == "input":
+                    envoy.input = h
+                else:
+                    envoy.output = h
+            logits = model.output["logits"]
+            if select is not None:
+                logits = logits[select[0].to(logits.device), select[1].to(logits.device)]
+            logits = logits.save()
+    return backend
+
+
+def _remote_logits(result: Any) -> torch.Tensor:
+    if not isinstance(result, dict) or not isinstance(result.get("logits"), torch.Tensor):
+        raise RemoteError(f"NDIF sent back no logits (got {type(result).__name__})")
+    return result["logits"]
+
+
+def _finish(
+    batch: TokenBatch, logits: torch.Tensor, last_only: bool, gathered: bool
+) -> torch.Tensor:
+    if gathered:  # a remote run kept only each row's last real token
+        return logits
+    # padded positions attend to nothing; back-ends disagree on what such a row computes
+    real = batch.attention_mask.to(logits.device).bool().unsqueeze(-1)
+    logits = logits.masked_fill(~real, 0.0)
+    if not last_only:
+        return logits
+    last = torch.tensor(
+        [off + n - 1 for off, n in zip(batch.offsets, batch.lengths, strict=True)],
+        device=logits.device,
+    )
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
+
+
+def submit_steered_logits(
+    lm: LoadedModel,
+    spec: SteeringSpec | None,
+    inputs: Inputs | TokenBatch,
+    padding_side: Literal["left", "right"] = "left",
+    last_only: bool = False,
+) -> RemoteJob[torch.Tensor]:
+    """``steered_logits(..., backend="nnsight", remote=True)`` without waiting: the job is posted
+    to NDIF now; the returned :class:`repe.remote.RemoteJob` polls it (``status()``) and
+    ``result()`` gives the logits ``steered_logits`` would have returned."""
+    resolved = _check(lm, spec, "nnsight", remote=True)
+    batch = _as_batch(lm, inputs, padding_side)
+    job = _trace_remote(
+        lm, resolved, batch, last_only, lambda m: remote_backend(lm, m, blocking=False)
+    )
+
+    def finish(results: list[dict[str, Any]]) -> torch.Tensor:
+        return _finish(batch, _remote_logits(results[0]), last_only, last_only)
+
+    return RemoteJob([job], finish)
+
+
+def steered_logits_request(
+    lm: LoadedModel,
+    spec: SteeringSpec | None,
+    inputs: Inputs | TokenBatch,
+    padding_side: Literal["left", "right"] = "left",
+    last_only: bool = False,
+) -> RemoteRequest:
+    """The request ``steered_logits(..., backend="nnsight", remote=True)`` would send to NDIF,
+    built and not sent (:class:`repe.remote.RemoteRequest`: nnsight's serialised trace)."""
+    resolved = _check(lm, spec, "nnsight", remote=True)
+    batch = _as_batch(lm, inputs, padding_side)
+    dry = _trace_remote(
+        lm, resolved, batch, last_only, lambda m: remote_backend(lm, m, dry_run=True)
+    )
+    built: RemoteRequest = dry.built
+    return built
+
+
 def steered_logits(
     lm: LoadedModel,
     spec: SteeringSpec | None,
@@ -195,6 +435,8 @@ def steered_logits(
     backend: BackendName | str = "hf",
     padding_side: Literal["left", "right"] = "left",
     last_only: bool = False,
+    *,
+    remote: bool = False,
 ) -> torch.Tensor:
     """Logits of ``inputs`` with ``spec`` applied (``None``: unsteered) through ``backend``.
 
@@ -207,22 +449,21 @@ def steered_logits(
     Positions: ``all``, explicit real-token indices, ``prompt`` (every real token: there is no
     generation here) and ``assistant`` (chat inputs); ``generated`` is refused. Conditional steering
     is ``hf`` only. No hook or intervention outlives the call, also when it raises.
+
+    ``remote=True`` (with ``backend="nnsight"``) runs the forward on NDIF: the model must be named
+    by a hub id NDIF serves, the API key is read from ``NDIF_API_KEY`` (see :mod:`repe.remote`), the
+    built-in operators are supported, and only the logits (with ``last_only``, only each row's last
+    one) come back. :func:`submit_steered_logits` is the same without waiting.
     """
-    resolved = _check(lm, spec, backend)
+    resolved = _check(lm, spec, backend, remote)
     batch = _as_batch(lm, inputs, padding_side)
+    if remote:
+        kept = _trace_remote(lm, resolved, batch, last_only, lambda m: Keep(remote_backend(lm, m)))
+        return _finish(batch, _remote_logits(kept.result), last_only, last_only)
     if backend == "hf":
         logits = _run_hf(lm, spec, batch)
     elif backend == "transformer_lens":
         logits = _run_transformer_lens(lm, resolved, batch)
     else:
         logits = _run_nnsight(lm, resolved, batch)
-    # padded positions attend to nothing; back-ends disagree on what such a row computes
-    real = batch.attention_mask.to(logits.device).bool().unsqueeze(-1)
-    logits = logits.masked_fill(~real, 0.0)
-    if not last_only:
-        return logits
-    last = torch.tensor(
-        [off + n - 1 for off, n in zip(batch.offsets, batch.lengths, strict=True)],
-        device=logits.device,
-    )
-    return logits[torch.arange(logits.shape[0], device=logits.device), last]
+    return _finish(batch, logits, last_only, False)

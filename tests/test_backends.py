@@ -282,8 +282,18 @@ def test_backends_satisfy_the_protocol() -> None:
 def test_nnsight_remote_flag_reaches_the_trace(
     tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``remote=True`` hands the trace to nnsight's ``RemoteBackend`` (NDIF), configured from the
+    environment (tests/test_nnsight_remote.py runs whole requests against a fake NDIF)."""
+    import dataclasses
+
+    import nnsight.modeling.huggingface as hf_models
+    from nnsight.intervention.backends.remote import RemoteBackend
+
     assert NNsightBackend().remote is False
-    model = get_nnsight_model(tiny_lm)
+    hub_lm = dataclasses.replace(tiny_lm, source="test-org/tiny")  # as if loaded by its hub id
+    monkeypatch.setenv("NDIF_API_KEY", "key-123")
+    monkeypatch.setitem(hf_models._ID_CACHE, "test-org/tiny", "test-org/tiny")
+    model = get_nnsight_model(hub_lm)
     seen: dict[str, object] = {}
 
     class Refused(Exception):
@@ -296,9 +306,12 @@ def test_nnsight_remote_flag_reaches_the_trace(
     monkeypatch.setattr(type(model), "trace", spy)
     with pytest.raises(Refused):
         NNsightBackend(remote=True).run(
-            tiny_lm, one_batch(tiny_lm, TEXTS[:2]), [Site(0, "resid_post")], failing_sink
+            hub_lm, one_batch(hub_lm, TEXTS[:2]), [Site(0, "resid_post")], failing_sink
         )
-    assert seen["remote"] is True
+    backend = getattr(seen["backend"], "inner", None)
+    assert isinstance(backend, RemoteBackend) and backend.blocking
+    assert backend.api_key == "key-123"
+    assert '"repo_id": "test-org/tiny"' in backend.model_key
     assert {"input_ids", "attention_mask", "position_ids"} <= set(seen)
 
 

@@ -25,8 +25,16 @@ class Backend(Protocol):
 BACKENDS = ("hf", "transformer_lens", "nnsight")
 
 
-def get_backend(name: str) -> Backend:
-    """Return the back-end called ``name`` (``hf``, ``transformer_lens`` or ``nnsight``)."""
+def get_backend(name: str, *, remote: bool = False) -> Backend:
+    """Return the back-end called ``name`` (``hf``, ``transformer_lens`` or ``nnsight``).
+
+    ``remote=True`` (NDIF, through nnsight's remote execution) exists for ``nnsight`` only."""
+    if remote and name != "nnsight":
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+        raise ValueError(
+            f"remote=True runs on NDIF through nnsight: pass backend='nnsight' (got backend={name!r})"
+        )
     if name == "hf":
         from repe.backends.hf import HFBackend
 
@@ -38,5 +46,5 @@ def get_backend(name: str) -> Backend:
     if name == "nnsight":
         from repe.backends.nnsight import NNsightBackend
 
-        return NNsightBackend()
+        return NNsightBackend(remote=remote)
     raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
