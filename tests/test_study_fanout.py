@@ -288,3 +288,16 @@ def test_a_steps_model_must_be_a_string(tmp_path: Path) -> None:
     text = TWO_MODELS.format(out=tmp_path, other="x").replace('model = "x"', "model = 3")
     with pytest.raises(StudyError, match=r"two.toml:18: steps\[2\] \(id 'on_other'\) key 'model'"):
         loads(text, "two.toml")
+
+
+def _environ() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_start_without_dasks_malloc_trim_setting(tmp_path: Path) -> None:
+    # Dask sets MALLOC_TRIM_THRESHOLD_ for its workers, which makes every large CPU tensor a fresh
+    # mmap (a capture ran ~30% slower); a local cluster's workers start without it, one thread each
+    with engines.executor(make_engine("dask", jobs=2), tmp_path) as (pool, slots):
+        got = [pool.submit(_environ).result() for _ in range(2)]
+    assert slots == 2
+    assert got == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}] * 2
