@@ -104,26 +104,34 @@ def main() -> None:
                 f"disk, {str(dtype):15s}: {disk:,} bytes for {rows} tokens x {len(sites)} sites "
                 f"= {per:.0f} B per site-token; d_model x {nbytes} = {ideal} ({per / ideal:.3f}x)"
             )
-    # tokens per (layer, coefficient) setting of a cloze sweep
+    # tokens per (layer, coefficient) setting of a cloze sweep: a 1 x 1 and a 2 x 2 sweep give the
+    # fixed part (the direction, coefficient 0, the unsteered KL reference) and the part per setting
     from steering.evaluation.sweep import coeff_layer_sweep
 
-    layers, coeffs = [10, 14], [-0.2, 0.2]
-    seen, h = count_tokens(lm)
-    t0 = time.perf_counter()
-    rep = coeff_layer_sweep(
-        lm, "refusal", layers, coeffs, n_items=args.items, form="cloze", control=False
-    )
-    dt = time.perf_counter() - t0
-    h.remove()
-    settings = len(layers) * len(coeffs)
-    out["sweep_tokens_per_setting"] = seen[0] / settings
-    out["sweep_seconds_per_setting"] = dt / settings
+    measured = []
+    for layers, coeffs in (([12], [0.2]), ([10, 14], [-0.2, 0.2])):
+        seen, h = count_tokens(lm)
+        t0 = time.perf_counter()
+        coeff_layer_sweep(
+            lm, "refusal", layers, coeffs, n_items=args.items, form="cloze", control=False
+        )
+        dt = time.perf_counter() - t0
+        h.remove()
+        measured.append((len(layers) * len(coeffs), seen[0], dt))
+        print(
+            f"cloze sweep, {args.items} held-out items, {len(layers)} layer(s) x {len(coeffs)} "
+            f"coefficient(s): {seen[0]:,} token positions (padding included) in {dt:.1f} s"
+        )
+    (n1, t1, s1), (n4, t4, s4) = measured
+    per_tok, per_s = (t4 - t1) / (n4 - n1), (s4 - s1) / (n4 - n1)
+    out["sweep_tokens_per_setting"] = per_tok
+    out["sweep_tokens_fixed"] = t1 - per_tok
+    out["sweep_seconds_per_setting"] = per_s
+    out["sweep_seconds_fixed"] = s1 - per_s
     out["sweep_items"] = args.items
     print(
-        f"cloze sweep, {args.items} held-out items, {len(layers)} layers x {len(coeffs)} coefficients "
-        f"(+ coefficient 0, the direction, KL on {len(load_neutral())} neutral texts): {seen[0]:,} "
-        f"token positions (padding included) in {dt:.1f} s = {seen[0] / settings:,.0f} tokens, {dt / settings:.1f} s per "
-        f"setting ({len(rep.rows)} rows)"
+        f"  => per (layer, coefficient) setting {per_tok:,.0f} token positions, {per_s:.1f} s; "
+        f"fixed per behaviour {t1 - per_tok:,.0f} token positions, {s1 - per_s:.1f} s"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
