@@ -94,21 +94,67 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a big model over devices with accelerate: auto, balanced, sequential, a device, "
+        'or a JSON object of module -> device (e.g. \'{"model.layers.20": "disk", "": 0}\')',
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory per device for an automatic --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB",
+    )
+    p.add_argument("--offload-folder", default=None, help="where weights mapped to 'disk' go")
+    p.add_argument(
         "--allow-download",
         action="store_true",
         help="let a hub id in --model download (default: only what is already on this machine)",
     )
 
 
+def parse_device_map(text: str | None) -> Any:
+    """``--device-map``: a name or device as given, or a JSON object (module -> device)."""
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON object ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object of module name -> device")
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``--max-memory 0=20GiB,cpu=60GiB`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (GPU indices as ints)."""
+    if text is None:
+        return None
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        dev, sep, size = part.partition("=")
+        dev, size = dev.strip(), size.strip()
+        if not sep or not dev or not size:
+            raise ValueError(
+                f"expected DEVICE=SIZE[,DEVICE=SIZE...] such as 0=20GiB,cpu=60GiB; got {text!r}"
+            )
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from repe.models import load_model
 
+    device_map = _flag("--device-map", parse_device_map, getattr(args, "device_map", None))
+    max_memory = _flag("--max-memory", parse_max_memory, getattr(args, "max_memory", None))
     return _flag(
         f"--model {args.model}" if args.model else "the embedded model",
         load_model,
         args.model,
         device=args.device,
         dtype=args.dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=getattr(args, "offload_folder", None),
         allow_download=args.allow_download,
     )
 
@@ -158,6 +204,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "source": lm.source,
         "device": str(lm.device),
         "dtype": str(lm.dtype),
+        "device_map": getattr(lm.model, "hf_device_map", None),
         "site_kinds": sorted({s.name.split(".", 2)[2] for s in all_sites(1)}),
         "example_sites": [s.name for s in all_sites(lm.n_layers, ["resid_post"])][:3],
     }

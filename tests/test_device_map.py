@@ -17,6 +17,7 @@ and tensors made from the inputs (masks) must follow the activation to its devic
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -458,3 +459,39 @@ def test_masks_made_from_the_inputs_follow_the_activation_to_its_device(
     (out_hook,) = [th for th in ral.torch_hooks if th.module is ral.layouts[2].o]
     args, _kwargs = out_hook.fn(out_hook.module, (h,), {}, mask)
     assert args[0].device == META
+
+
+def test_command_line_loads_with_a_device_map(
+    folder: Path, plain: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from repe.cli import main, parse_max_memory
+
+    off = str(tmp_path / "off")
+    assert (
+        main(
+            [
+                "info",
+                "--model",
+                str(folder),
+                "--device-map",
+                '{"": "disk"}',
+                "--offload-folder",
+                off,
+            ]
+        )
+        == 0
+    )
+    info = json.loads(capsys.readouterr().out)
+    assert info["identity"] == plain.identity.to_dict() and info["device"] == "cpu"
+    assert info["device_map"] == {"": "disk"}  # (safetensors weights are read where they lie)
+    assert parse_max_memory("0=20GiB, cpu=60GiB") == {0: "20GiB", "cpu": "60GiB"}
+    for argv, words in (
+        (["--max-memory", "20GiB"], "repe info: error: --max-memory: expected DEVICE=SIZE"),
+        (["--device-map", "{bad"], "repe info: error: --device-map: not a JSON object"),
+        (["--device-map", "[1]"], "needs to be a device name"),
+        (["--max-memory", "cpu=1GiB"], "max_memory= needs a device_map"),
+        (["--device-map", '{"": "disk"}'], "pass offload_folder="),
+    ):
+        assert main(["info", "--model", str(folder), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
