@@ -128,6 +128,7 @@ def _dask_client(engine: Engine) -> Iterator[Any]:
     import dask
 
     with (
+        _without_dasks_malloc_setting(),
         dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(engine)}),
         LocalCluster(
             n_workers=n,
@@ -150,6 +151,29 @@ def worker_environ(engine: Engine) -> dict[str, Any]:
     be started without it too (docs/scale.md)."""
     n = engine.threads_per_worker
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+@contextlib.contextmanager
+def _without_dasks_malloc_setting() -> Iterator[None]:
+    """A Dask nanny writes its pre-spawn variables into the environment of the process that runs it,
+    so after any local cluster with Dask's defaults (a user's own, another library's) this process
+    holds ``MALLOC_TRIM_THRESHOLD_=65536`` and every worker started from it would inherit it. While
+    our cluster lives, that value (Dask's default, and only that value) is taken out; it is put back
+    after."""
+    import dask
+
+    default = (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).get(
+        "MALLOC_TRIM_THRESHOLD_", 65536
+    )
+    key = "MALLOC_TRIM_THRESHOLD_"
+    saved = os.environ.get(key)
+    if saved is not None and saved == str(default):
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        if saved is not None and key not in os.environ:
+            os.environ[key] = saved
 
 
 def _probe_folder(folder: str, token: str) -> str | None:

@@ -545,7 +545,9 @@ def run_study(
                     say(f"[{i + 1}/{len(study.steps)}] {sid}: cached")
                     pending.remove(sid)
                     finish(sid, "cached", 0.0)
-            if engine.in_process or (engine.name == "local" and len(pending) <= 1):
+            if not pending:
+                pass  # every step from the cache: no worker or cluster is started
+            elif engine.in_process or (engine.name == "local" and len(pending) <= 1):
                 for sid in pending:
                     n = [s.id for s in study.steps].index(sid) + 1
                     say(f"[{n}/{len(study.steps)}] {sid} ({study.step(sid).kind}) ...")

@@ -495,3 +495,21 @@ def test_command_line_loads_with_a_device_map(
         assert main(["info", "--model", str(folder), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_the_other_backends_read_an_offloaded_model_like_the_plain_one(
+    plain: LoadedModel, offloaded: LoadedModel, backend: str
+) -> None:
+    # nnsight refused a model wholly on disk: transformers' pipeline took "disk" for a torch device
+    sites = ["blocks.0.hook_resid_post", "blocks.3.hook_resid_post"]
+    texts = ["The cat sat on the mat.", "Paris is in France"]
+    ref = capture(plain, texts, sites, positions="all", progress=False)
+    got = capture(offloaded, texts, sites, positions="all", backend=backend, progress=False)
+    for s in sites:
+        a, b = ref.rows(s)[0], got.rows(s)[0]
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    want = steered_logits(plain, None, texts, backend="hf")
+    have = steered_logits(offloaded, None, texts, backend=backend)
+    assert (want - have).abs().max() <= 1e-4 * want.abs().max()
+    assert_intact(offloaded)

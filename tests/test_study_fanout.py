@@ -5,11 +5,13 @@ cluster whose workers cannot see the cache folder is refused before any step is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,9 @@ def test_local_dask_cluster_equals_in_process_and_shares_the_cache(
     again = run_study(loads(f.read_text(), str(f)), progress=False, resume=False)
     assert again.computed == [] and again.cached == ["honesty", "scan", "happy"]
     assert again.metrics == in_process
+    # all cached on the Dask engine too: no cluster is started for nothing
+    cached = run_study(loads(f.read_text(), str(f)), progress=False, resume=False, engine="dask")
+    assert cached.computed == [] and "workers" not in read_record(cached.run_dir)["engine"]
 
 
 def test_the_cluster_computes_only_what_the_cache_lacks(
@@ -109,16 +114,30 @@ def test_the_cluster_computes_only_what_the_cache_lacks(
     assert res.metrics == in_process
 
 
-def _kill_first_busy_worker(client: Client, killed: list[int], stop: threading.Event) -> None:
-    """Kill (SIGKILL) the first worker seen computing a step."""
-    while not stop.is_set():
-        busy = [w for w, keys in client.processing().items() if keys]
-        if busy:
-            pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
-        time.sleep(0.02)
+@contextlib.contextmanager
+def _kills_first_busy_worker(client: Client) -> Iterator[list[int]]:
+    """While inside, a thread kills (SIGKILL) the first worker seen computing a step; yields the pids
+    it killed."""
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            busy = [w for w, keys in client.processing().items() if keys]
+            if busy:
+                pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=watch)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        killer.join()
 
 
 def test_a_killed_workers_step_is_computed_again(
@@ -129,21 +148,12 @@ def test_a_killed_workers_step_is_computed_again(
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        killed: list[int] = []
-        stop = threading.Event()
-        killer = threading.Thread(target=_kill_first_busy_worker, args=(client, killed, stop))
-        killer.start()
-        try:
+        with _kills_first_busy_worker(client) as killed:
             res = run_study(
                 study, progress=False, engine="dask", scheduler=cluster.scheduler_address
             )
-        finally:
-            stop.set()
-            killer.join()
         assert len(killed) == 1
-        assert (
-            killed[0] not in client.run(os.getpid).values()
-        )  # it died (the nanny started another)
+        assert killed[0] not in client.run(os.getpid).values()  # dead; the nanny started another
     assert sorted(res.computed) == ["happy", "honesty", "scan"]
     assert res.metrics == in_process
     rec = read_record(res.run_dir)
@@ -159,16 +169,11 @@ def test_a_step_whose_workers_keep_dying_fails_the_run_with_the_reason(tmp_path:
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        killed: list[int] = []
-        stop = threading.Event()
-        killer = threading.Thread(target=_kill_first_busy_worker, args=(client, killed, stop))
-        killer.start()
-        try:
-            with pytest.raises(Exception, match="KilledWorker|died|killed"):
-                run_study(study, progress=False, engine="dask", scheduler=cluster.scheduler_address)
-        finally:
-            stop.set()
-            killer.join()
+        with (
+            _kills_first_busy_worker(client),
+            pytest.raises(Exception, match="KilledWorker|died|killed"),
+        ):
+            run_study(study, progress=False, engine="dask", scheduler=cluster.scheduler_address)
     runs = list((tmp_path / "runs" / "fanout_demo" / "runs").iterdir())
     rec = read_record(runs[0])
     assert rec["status"] == "failed" and "KilledWorker" in rec["error"]
@@ -294,10 +299,16 @@ def _environ() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
 
 
-def test_local_workers_start_without_dasks_malloc_trim_setting(tmp_path: Path) -> None:
+def test_local_workers_start_without_dasks_malloc_trim_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Dask sets MALLOC_TRIM_THRESHOLD_ for its workers, which makes every large CPU tensor a fresh
-    # mmap (a capture ran ~30% slower); a local cluster's workers start without it, one thread each
+    # mmap (a capture ran ~30% slower); a local cluster's workers start without it, one thread each.
+    # A nanny also leaves it in the environment of the process that ran it (as any earlier cluster
+    # with Dask's defaults did in this test process): workers must not inherit it from there either.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with engines.executor(make_engine("dask", jobs=2), tmp_path) as (pool, slots):
         got = [pool.submit(_environ).result() for _ in range(2)]
     assert slots == 2
     assert got == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}] * 2
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's own value is put back

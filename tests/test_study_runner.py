@@ -251,6 +251,9 @@ def test_ctrl_c_on_the_command_line_leaves_a_resumable_run(tmp_path: Path, sig: 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a child inherits an ignored SIGINT (and then never sees Ctrl-C), and
+        # whatever this test process inherited or was left with is not the command's to honour here
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     started = threading.Event()

@@ -36,6 +36,15 @@ def _wrap(lm: LoadedModel) -> Any:
     nnsight = require("nnsight", "backends")
     tokenizer = copy.deepcopy(lm.tokenizer)
     view = shared_weights_view(lm.model)
+    placed = getattr(view, "hf_device_map", None)
+    if isinstance(placed, dict) and "disk" in placed.values():
+        # transformers' pipeline takes its device from the map's first entry, and "disk" is no torch
+        # device: on the view (never on lm.model) offloaded modules read as where inputs go
+        setattr(  # noqa: B010 (an attribute transformers sets on the model, not a declared one)
+            view,
+            "hf_device_map",
+            {k: (str(lm.input_device) if v == "disk" else v) for k, v in placed.items()},
+        )
     # a model held without weights (for NDIF) stays on meta: the pipeline would move it otherwise
     where = {"device": "meta"} if is_weightless(lm) else {}
     try:
@@ -45,8 +54,23 @@ def _wrap(lm: LoadedModel) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            return nnsight.LanguageModel(view, tokenizer=tokenizer, **where)
-    return transformers_model(view, tokenizer=tokenizer, task="text-generation", **where)
+            old = nnsight.LanguageModel(view, tokenizer=tokenizer, **where)
+            return _inputs_to(old, lm) if not where else old
+    model = transformers_model(view, tokenizer=tokenizer, task="text-generation", **where)
+    return _inputs_to(model, lm) if not where else model
+
+
+def _inputs_to(model: Any, lm: LoadedModel) -> Any:
+    """nnsight moves a trace's input tensors to its model's ``device``, the first parameter's; with
+    offloaded weights that is ``meta``. The inputs belong where the embedding runs (accelerate moves
+    them on from there), so this model's ``device`` says so."""
+    first = next(lm.model.parameters(), None)
+    if first is None or first.device.type != "meta":
+        return model
+    dev = lm.input_device
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: dev)})
+    return model
 
 
 _MODELS = ViewCache(_wrap)
